@@ -1,0 +1,23 @@
+"""ComfyUI adapters: schemas, validation glue, progress and cancel. The engine lives in ``vramwise/``."""
+
+from __future__ import annotations
+
+from .comfy_bridge import ComfyExtension, io
+from .model_loader import VRAMWiseModelLoader
+from .sampler import VRAMWiseSampler
+from .vae_decode import VRAMWiseVAEDecode
+
+NODES: list[type[io.ComfyNode]] = [
+    VRAMWiseModelLoader,
+    VRAMWiseSampler,
+    VRAMWiseVAEDecode,
+]
+
+
+class VramwiseExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> VramwiseExtension:
+    return VramwiseExtension()

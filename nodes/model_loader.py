@@ -1,0 +1,81 @@
+"""VRAMWiseModelLoader: a diffusers image-to-video folder, loaded once and placed for the chosen offload mode."""
+
+from __future__ import annotations
+
+from ..vramwise.families import FAMILY_CLASSES
+from ..vramwise.handles import VramwiseModel
+from ..vramwise.loader import CACHE, LoadOptions
+from ..vramwise.model_folders import list_model_folders, resolve_model_folder
+from ..vramwise.offload import DESCRIPTIONS, OffloadMode
+from ..vramwise.precision import WeightDtype
+from . import comfy_bridge as comfy
+from .comfy_bridge import io
+from .types import CATEGORY, VramwiseModelType
+
+_MODES_HELP = "\n".join(f"{m.value}: {d}" for m, d in DESCRIPTIONS.items())
+_FAMILIES_HELP = "; ".join(c.label for c in FAMILY_CLASSES)
+
+
+class VRAMWiseModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VRAMWiseModelLoader",
+            display_name="VRAMWise Model Loader",
+            category=CATEGORY,
+            description=(
+                "Loads an image-to-video model from a diffusers folder under models/diffusers and places it on "
+                "the GPU according to the offload mode. The same settings reuse the loaded model between runs."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=list_model_folders(comfy.diffusers_roots()),
+                    tooltip=(
+                        "A diffusers folder (holding model_index.json) under models/diffusers or a path from "
+                        f"extra_model_paths.yaml. Supported: {_FAMILIES_HELP}."
+                    ),
+                ),
+                io.Combo.Input(
+                    "offload_mode",
+                    options=[m.value for m in OffloadMode],
+                    default=OffloadMode.MODEL.value,
+                    tooltip="Where weights live between uses.\n" + _MODES_HELP,
+                ),
+                io.Combo.Input(
+                    "weight_dtype",
+                    options=[d.value for d in WeightDtype],
+                    default=WeightDtype.BF16.value,
+                    tooltip=(
+                        "bf16: the models' native precision. fp16: only for GPUs without bf16 (may overflow). "
+                        "fp8_e4m3fn: weights stored in fp8 (half the memory), computed in bf16; norms and "
+                        "embeddings stay bf16."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "text_encoder_on_cpu",
+                    default=False,
+                    tooltip="Run the text encoder (UMT5-XXL for Wan, ~11 GB) on the CPU: slower prompts, no VRAM used.",
+                ),
+            ],
+            outputs=[VramwiseModelType.Output(display_name="model")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs) -> tuple:
+        # After an unload the cached output would point at released weights: re-run the loader then.
+        return tuple(sorted((k, str(v)) for k, v in kwargs.items())) + (CACHE.generation,)
+
+    @classmethod
+    def execute(cls, model: str, offload_mode: str, weight_dtype: str, text_encoder_on_cpu: bool) -> io.NodeOutput:
+        options = LoadOptions(
+            folder=resolve_model_folder(model, comfy.diffusers_roots()),
+            offload_mode=OffloadMode.parse(offload_mode),
+            weight_dtype=WeightDtype.parse(weight_dtype),
+            text_encoder_on_cpu=bool(text_encoder_on_cpu),
+        )
+        slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
+        loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
+        text = "\n".join(loaded.notes + (["(reused the loaded model)"] if reused else []))
+        return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))

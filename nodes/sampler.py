@@ -1,0 +1,129 @@
+"""VRAMWiseSampler: image (+ optional end frame) and prompt to latents, with progress, preview and Cancel."""
+
+from __future__ import annotations
+
+import torch
+
+from ..vramwise.families import FAMILY_CLASSES
+from ..vramwise.families.base import GenerationRequest
+from ..vramwise.handles import VramwiseModel
+from ..vramwise.image_prep import ResizeMode, first_frame, fit_image
+from ..vramwise.loader import CACHE
+from ..vramwise.preview import latent_preview
+from ..vramwise.sampling import generate
+from ..vramwise.validation import validate_generation
+from . import comfy_bridge as comfy
+from .comfy_bridge import io
+from .types import CATEGORY, VramwiseLatentType, VramwiseModelType
+
+
+def _defaults_help(field: str) -> str:
+    return "; ".join(f"{c.label}: {getattr(c.defaults, field)}" for c in FAMILY_CLASSES)
+
+
+class _ComfyObserver:
+    """Feeds the engine's step reports into ComfyUI's progress bar and its Cancel button."""
+
+    def __init__(self, total: int, preview_format: str | None) -> None:
+        self.progress = comfy.Progress(total)
+        factors = comfy.latent_rgb_factors(preview_format) if comfy.previews_enabled() else None
+        self.factors = factors
+
+    def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
+        preview = None
+        if self.factors is not None:
+            preview = latent_preview(latents, self.factors[0], self.factors[1], comfy.preview_max_size())
+        self.progress.update(step, total, preview)
+
+    def check_cancel(self) -> None:
+        comfy.check_interrupt()
+
+
+class VRAMWiseSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VRAMWiseSampler",
+            display_name="VRAMWise Sampler",
+            category=CATEGORY,
+            description=(
+                "Generates a video from a start image and a prompt. Shows a progress bar per step and stops "
+                "within one step on Cancel; GPU memory the run used is given back afterwards."
+            ),
+            inputs=[
+                VramwiseModelType.Input("model", tooltip="From VRAMWise Model Loader (or Token Merge)."),
+                io.Image.Input("image", tooltip="The first frame. With a batch, the first image is used."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="What should happen in the video."),
+                io.String.Input(
+                    "negative_prompt", multiline=True, default="",
+                    tooltip="What to avoid. Only used when cfg > 1.",
+                ),
+                io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                             tooltip="Output width in pixels. Multiple of 16 (32 for Wan2.2 TI2V-5B). Defaults: " + _defaults_help("width")),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16,
+                             tooltip="Output height in pixels. Multiple of 16 (32 for Wan2.2 TI2V-5B). Defaults: " + _defaults_help("height")),
+                io.Int.Input("num_frames", default=81, min=1, max=1025, step=4,
+                             tooltip="Frames to generate, of the form 4k+1 (e.g. 33, 49, 81). Defaults: " + _defaults_help("num_frames")),
+                io.Int.Input("steps", default=30, min=0, max=200,
+                             tooltip="Denoising steps (at least 1). Defaults: " + _defaults_help("steps")),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance; 1.0 disables it (twice as fast). Defaults: " + _defaults_help("cfg")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Same seed and settings give the same video."),
+                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Flow-matching timestep shift: higher spends more steps on coarse motion. Defaults: " + _defaults_help("shift")),
+                io.Combo.Input("resize_mode", options=[m.value for m in ResizeMode], default=ResizeMode.CROP.value,
+                               tooltip="crop: fill the frame and cut the overflow (centre). pad: keep the whole image with black bars."),
+                io.Image.Input("end_image", optional=True,
+                               tooltip="Optional last frame, for first-last-frame models (Wan2.1 FLF2V, Wan2.2 A14B)."),
+            ],
+            outputs=[
+                VramwiseLatentType.Output(display_name="latent"),
+                io.String.Output(display_name="info", tooltip="What was run: model, plan, notes."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model: VramwiseModel,
+        image: torch.Tensor,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        num_frames: int,
+        steps: int,
+        cfg: float,
+        seed: int,
+        shift: float,
+        resize_mode: str,
+        end_image: torch.Tensor | None = None,
+    ) -> io.NodeOutput:
+        family = model.family
+        validate_generation(
+            family, width=width, height=height, num_frames=num_frames, steps=steps, cfg=cfg,
+            has_end_image=end_image is not None,
+        )
+        mode = ResizeMode(resize_mode)
+        frame, note = first_frame(image, "image")
+        notes = [note] if note else []
+        end = None
+        if end_image is not None:
+            end_frame, end_note = first_frame(end_image, "end_image")
+            end = fit_image(end_frame, width, height, mode)
+            notes += [end_note] if end_note else []
+        request = GenerationRequest(
+            image=fit_image(frame, width, height, mode), prompt=prompt, negative_prompt=negative_prompt,
+            width=width, height=height, num_frames=num_frames, steps=steps, cfg=cfg, seed=seed, shift=shift,
+            end_image=end,
+        )
+        if model.loaded.released:
+            CACHE.revive(model.loaded, before_load=comfy.free_comfyui_models)
+        latent = generate(model, request, _ComfyObserver(steps, family.preview_latent_format))
+        info = "\n".join(
+            [f"{family.label}: {width}x{height}, {num_frames} frames, {steps} steps, cfg {cfg:g}, seed {seed}",
+             f"device: {comfy.environment_name()}"]
+            + model.loaded.notes + [p.name for p in model.patches] + notes
+        )
+        return io.NodeOutput(latent, info, ui=comfy.ui.PreviewText(info))

@@ -1,0 +1,169 @@
+"""The Wan path inside a real ComfyUI server: registration, runs, progress, Cancel and bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PIL import Image, ImageSequence
+
+from api_prompts import i2v_prompt, saved_files
+from comfy_harness import PromptFailed, execution_error
+
+pytestmark = pytest.mark.server
+
+PACK_NODES = ("VRAMWiseModelLoader", "VRAMWiseSampler", "VRAMWiseVAEDecode")
+
+
+def _frames(server, entry) -> list[Image.Image]:
+    files = saved_files(entry)
+    assert len(files) == 1, entry.get("outputs")
+    f = files[0]
+    path = server.output_dir / f["subfolder"] / f["filename"]
+    with Image.open(path) as im:
+        return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
+
+
+def _success(entry) -> None:
+    status = entry.get("status", {})
+    assert status.get("status_str") == "success", execution_error(entry) or status
+
+
+def test_pack_registers_every_node_without_import_failures(comfy_server):
+    info = comfy_server.object_info()
+    for node in PACK_NODES:
+        assert node in info, f"{node} missing from /object_info"
+    log = comfy_server.log_text()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+
+
+def test_loader_lists_diffusers_folders_including_subfolders_and_real_names(comfy_server):
+    options = comfy_server.object_info()["VRAMWiseModelLoader"]["input"]["required"]["model"][1]["options"]
+    assert "tiny-wan21-i2v" in options
+    assert "Wan2.1-I2V-14B-480P-Diffusers" in options
+
+
+@pytest.mark.parametrize(
+    "model,width,height,frames",
+    [("tiny-wan21-i2v", 64, 48, 5), ("tiny-wan22-i2v-a14b", 48, 64, 9), ("tiny-wan22-ti2v-5b", 64, 64, 5)],
+)
+def test_tiny_wan_workflow_produces_requested_frames(comfy_server, model, width, height, frames):
+    entry = comfy_server.run(i2v_prompt(model, width=width, height=height, frames=frames))
+    _success(entry)
+    got = _frames(comfy_server, entry)
+    assert len(got) == frames
+    assert got[0].size == (width, height)
+
+
+def test_first_last_frame_model_takes_an_end_image(comfy_server):
+    entry = comfy_server.run(i2v_prompt("tiny-wan21-flf2v", end_image=True, frames=5))
+    _success(entry)
+    assert len(_frames(comfy_server, entry)) == 5
+
+
+def test_same_seed_repeats_and_other_seed_differs(comfy_server):
+    a = _frames(comfy_server, comfy_server.run(i2v_prompt(seed=7)))
+    b = _frames(comfy_server, comfy_server.run(i2v_prompt(seed=7)))
+    c = _frames(comfy_server, comfy_server.run(i2v_prompt(seed=8)))
+    assert [f.tobytes() for f in a] == [f.tobytes() for f in b]
+    assert [f.tobytes() for f in a] != [f.tobytes() for f in c]
+
+
+@pytest.mark.parametrize("offload", ["model", "group", "sequential"])
+def test_every_offload_mode_runs_on_a_machine_without_cuda(comfy_server, offload):
+    entry = comfy_server.run(i2v_prompt(offload=offload, text_encoder_on_cpu=(offload == "model")))
+    _success(entry)
+    info = entry["outputs"]["2"]["text"][0]
+    assert "no CUDA device" in info
+
+
+def test_fp8_storage_runs(comfy_server):
+    _success(comfy_server.run(i2v_prompt(dtype="fp8_e4m3fn", offload="group")))
+
+
+def test_progress_event_arrives_for_every_step(comfy_server):
+    steps = 4
+    prompt_id = comfy_server.queue(i2v_prompt(steps=steps, save="preview"))
+    _success(comfy_server.wait(prompt_id))
+    progress = [
+        e["data"] for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"
+    ]
+    assert [p["value"] for p in progress] == list(range(1, steps + 1))
+    assert all(p["max"] == steps for p in progress)
+
+
+def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
+    prompt_id = comfy_server.queue(i2v_prompt(steps=200, frames=9, save="preview"))
+    comfy_server.wait_for_event(prompt_id, "progress", timeout=120)
+    started = time.time()
+    comfy_server.interrupt()
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    kinds = [k for k, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert time.time() - started < 30
+    progress = [e for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"]
+    assert progress[-1]["data"]["value"] < 200
+    _success(comfy_server.run(i2v_prompt(seed=3)))
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"frames": 80}, "num_frames: 80 frames is not of the form 4k+1"),
+        ({"width": 70}, "width: 70 is not a multiple of 16"),
+        ({"steps": 0}, "steps: must be at least 1"),
+        ({"model": "tiny-wan22-ti2v-5b", "width": 48}, "width: 48 is not a multiple of 32"),
+        ({"end_image": True}, "end_image: Wan2.1 I2V"),
+    ],
+)
+def test_bad_input_fails_with_a_message_naming_the_input_and_fix(comfy_server, overrides, needle):
+    entry = comfy_server.run(i2v_prompt(**overrides))
+    error = execution_error(entry)
+    assert error is not None, entry.get("status")
+    assert needle in error["exception_message"]
+    assert "Fix:" in error["exception_message"] or "use " in error["exception_message"]
+    assert comfy_server.alive()
+
+
+def test_nearest_valid_frame_counts_are_suggested(comfy_server):
+    error = execution_error(comfy_server.run(i2v_prompt(frames=80)))
+    assert "use 77 or 81" in error["exception_message"]
+
+
+def test_unsupported_model_folder_names_what_it_found(comfy_server):
+    error = execution_error(comfy_server.run(i2v_prompt("tiny-wan21-t2v")))
+    assert error is not None
+    assert "WanPipeline" in error["exception_message"] and "text-to-video" in error["exception_message"]
+
+
+def test_missing_image_is_rejected_before_running(comfy_server):
+    prompt = i2v_prompt()
+    del prompt["3"]["inputs"]["image"]
+    with pytest.raises(PromptFailed) as failure:
+        comfy_server.queue(prompt)
+    assert "image" in str(failure.value)
+
+
+def test_corrupt_weights_give_a_clear_error_and_the_server_keeps_serving(comfy_server, tiny_models_root, tmp_path):
+    import shutil
+
+    broken = comfy_server.models_dir / "diffusers" / "broken-wan"
+    if not broken.exists():
+        shutil.copytree(tiny_models_root / "tiny-wan21-i2v", broken)
+        for weights in (broken / "transformer").glob("*.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:100])
+    error = execution_error(comfy_server.run(i2v_prompt("broken-wan")))
+    assert error is not None
+    assert "corrupt" in error["exception_message"]
+    _success(comfy_server.run(i2v_prompt(seed=11)))
+
+
+def test_unknown_model_name_says_where_to_put_models(comfy_server):
+    prompt = i2v_prompt()
+    prompt["2"]["inputs"]["model"] = "no-such-model"
+    try:
+        message = execution_error(comfy_server.run(prompt))["exception_message"]
+    except PromptFailed as rejected:  # a ComfyUI that validates combo values refuses it up front
+        message = str(rejected)
+    assert "no-such-model" in message and "models/diffusers" in message

@@ -1,0 +1,105 @@
+"""The writer never holds more than a chunk of converted frames, pingpong included.
+
+Three angles: a spy on the converter (chunk sizes, and that it always reads the caller's tensor rather than a
+concatenated copy), tracemalloc (numpy reports its buffers to it; torch and FFmpeg do not, so it isolates our
+integer copies), and the process's peak RSS in a fresh interpreter (Linux only).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import pytest
+import torch
+
+import vramwise.video as vv
+from vramwise.video import frames as frames_module
+
+AVAILABLE = vv.available_formats()
+FORMATS = [f for f in ("video/h264-mp4", "video/vp9-webm", "image/gif", "image/webp", "image/png-frames") if f in AVAILABLE]
+
+
+def clip(count: int, size: int = 64) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, size)
+    base = torch.stack(torch.broadcast_tensors(ramp.view(1, -1), ramp.view(-1, 1), 0.5 * ramp.view(1, -1)), -1)
+    return (base.unsqueeze(0) * torch.linspace(0.3, 1, count).view(count, 1, 1, 1)).contiguous()
+
+
+@pytest.mark.parametrize("format_id", FORMATS)
+def test_converter_sees_at_most_a_chunk_of_the_original_tensor(format_id, tmp_path, monkeypatch):
+    calls = []
+    real = frames_module.convert
+
+    def spy(frames, indices, *args, **kwargs):
+        calls.append((len(indices), frames.untyped_storage().data_ptr()))
+        return real(frames, indices, *args, **kwargs)
+
+    monkeypatch.setattr(frames_module, "convert", spy)
+    source = clip(21)
+    options = vv.EncodeOptions(chunk_size=4, pingpong=True)
+    result = vv.encode_video(source, tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 8, options)
+    assert result.frame_count == 40
+    assert max(n for n, _ in calls) <= 4
+    assert {ptr for _, ptr in calls} == {source.untyped_storage().data_ptr()}
+    converted = sum(n for n, _ in calls)
+    assert converted == 40 + (21 if format_id == "image/gif" else 0)  # gif: one extra pass for the palette
+
+
+@pytest.mark.parametrize("format_id", FORMATS)
+def test_integer_buffers_stay_chunk_sized(format_id, tmp_path):
+    source = clip(48, 96)
+    frame_bytes = 96 * 96 * 3
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        vv.encode_video(source, tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 8,
+                        vv.EncodeOptions(chunk_size=4, pingpong=True))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole_clip = frame_bytes * (2 * 48 - 2)
+    assert peak < 4 * frame_bytes * 3 + 512 * 1024, f"peak {peak} bytes"
+    assert peak < whole_clip / 4
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, vramwise.video as vv
+
+    def hwm():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+    frames, size = 96, 384
+    clip = torch.empty(frames, size, size, 3, dtype=torch.float32)
+    ramp = torch.linspace(0, 1, size)
+    for i in range(frames):  # filled in place: no clip-sized temporaries before the measurement
+        clip[i, ..., 0] = (ramp.view(1, -1) + i / frames) % 1
+        clip[i, ..., 1] = ramp.view(-1, 1)
+        clip[i, ..., 2] = 0.5
+    vv.encode_video(clip[:2], sys.argv[1] + "/warm.mp4", "video/h264-mp4", 16)  # load codecs first
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = hwm()
+    options = vv.EncodeOptions(pingpong=True, chunk_size=8, encoder_options={"preset": "ultrafast"})
+    vv.encode_video(clip, sys.argv[1] + "/big.mp4", "video/h264-mp4", 16, options)
+    print(hwm() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "video/h264-mp4" not in AVAILABLE, reason="Linux + H.264")
+def test_peak_rss_growth_is_far_below_one_uint8_copy(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env)
+    if run.returncode != 0 and "clear_refs" in run.stderr:
+        pytest.skip("cannot reset the peak RSS counter here")
+    assert run.returncode == 0, run.stderr
+    growth = int(run.stdout.strip().splitlines()[-1])
+    uint8_clip = 96 * 384 * 384 * 3  # 42 MB; a pingpong concatenation would be twice that
+    assert growth < uint8_clip / 2, f"peak RSS grew {growth / 2**20:.1f} MiB"

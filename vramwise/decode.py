@@ -1,0 +1,71 @@
+"""Latents to frames, tiling the VAE when an untiled decode would not fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .device import free_bytes, release_memory
+from .errors import InputError
+from .handles import VramwiseLatent, VramwiseModel
+
+# Leave room for the allocator's fragmentation and for whatever else runs on the device.
+FREE_MEMORY_SHARE = 0.85
+
+
+class TilingMode(str, Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    mode: TilingMode = TilingMode.AUTO
+    tile: int = 256
+    overlap: int = 64
+
+    def validate(self) -> None:
+        if self.tile < 64:
+            raise InputError("tile_size", f"{self.tile} px is too small.", "use 64 px or more (256 is a good default).")
+        if not 0 <= self.overlap < self.tile:
+            raise InputError(
+                "tile_overlap",
+                f"{self.overlap} px must be at least 0 and smaller than tile_size ({self.tile} px).",
+                f"use about a quarter of the tile, e.g. {self.tile // 4}.",
+            )
+
+
+def estimate_untiled_bytes(model: VramwiseModel, latent: VramwiseLatent) -> int:
+    return int(model.family.decode_bytes_per_pixel(model.loaded) * latent.width * latent.height)
+
+
+def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingOptions) -> tuple[torch.Tensor, str]:
+    """Frames [F, H, W, 3] float32 0..1 on the CPU, and a note saying how they were decoded."""
+    tiling.validate()
+    family = model.family
+    if latent.family_id != family.id:
+        raise InputError(
+            "latent",
+            f"it was sampled with a {latent.family_id} model but the connected model is {family.id}.",
+            "connect the same model to the sampler and to the decoder.",
+        )
+    loaded = model.loaded
+    if tiling.mode is TilingMode.AUTO:
+        need = estimate_untiled_bytes(model, latent)
+        have = free_bytes(loaded.device)
+        use_tiles = need > have * FREE_MEMORY_SHARE
+        why = f"untiled needs ~{need / 2**30:.2f} GiB, {have / 2**30:.2f} GiB free"
+    else:
+        use_tiles = tiling.mode is TilingMode.ON
+        why = "as requested"
+    family.vae_tiling(loaded, use_tiles, tiling.tile, tiling.overlap)
+    try:
+        frames = family.decode(loaded, latent.samples)
+    finally:
+        loaded.release_hooks()
+        release_memory(loaded.device)
+    how = f"tiled {tiling.tile}px/{tiling.overlap}px overlap" if use_tiles else "untiled"
+    return frames, f"decoded {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, {how} ({why})"

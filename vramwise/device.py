@@ -1,0 +1,42 @@
+"""Device memory: how much is free, and giving back what a run no longer needs."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Drop unreachable tensors and return cached allocator blocks so other programs (and ComfyUI) can use them."""
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what the kernel could hand out without swapping)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can still get, counting the allocator's reusable cache."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + reserved_unused)
+    return host_available_bytes()
+
+
+def allocated_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return 0

@@ -1,0 +1,75 @@
+"""Recognise a diffusers folder's model family.
+
+Order matters: more specific families (two experts, expanded timesteps) are tried before the general ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelFolderError
+from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
+from .wan import WAN_FAMILIES
+
+FAMILY_CLASSES: list[type[Family]] = [*WAN_FAMILIES]
+
+# Pipelines we recognise but cannot run, with the reason a user should read.
+KNOWN_UNSUPPORTED: dict[str, str] = {
+    "WanPipeline": "a Wan text-to-video model; this pack needs an image-to-video (I2V/FLF2V/TI2V) model",
+    "WanVACEPipeline": "a Wan VACE model; it is not supported yet",
+}
+
+
+def register_family(cls: type[Family], first: bool = True) -> None:
+    """Add a family; ``first`` puts it ahead of the general ones so specific layouts win."""
+    if cls not in FAMILY_CLASSES:
+        FAMILY_CLASSES.insert(0, cls) if first else FAMILY_CLASSES.append(cls)
+
+
+def family_by_id(family_id: str) -> Family:
+    for cls in FAMILY_CLASSES:
+        if cls.id == family_id:
+            return cls()
+    known = ", ".join(c.id for c in FAMILY_CLASSES)
+    raise ModelFolderError(f"Unknown model family '{family_id}'. Known families: {known}.")
+
+
+def detect_family(folder: Path) -> Family:
+    """The family of a diffusers folder, or a ModelFolderError saying what was found instead."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"Model folder '{folder}' does not exist.")
+    if not (folder / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"'{folder}' has no model_index.json, so it is not a diffusers pipeline folder. "
+            "Put the whole diffusers folder (with model_index.json and one sub-folder per component) there."
+        )
+    try:
+        index = ModelIndex.read(folder)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"'{folder}/model_index.json' is not valid JSON ({e}); the download is corrupt.") from e
+    for cls in FAMILY_CLASSES:
+        if cls.matches(index):
+            return cls()
+    found = index.pipeline_class or "no _class_name"
+    reason = KNOWN_UNSUPPORTED.get(index.pipeline_class)
+    components = ", ".join(index.components()) or "none"
+    supported = "; ".join(c.label for c in FAMILY_CLASSES)
+    what = f"{found} ({reason})" if reason else found
+    raise ModelFolderError(
+        f"'{folder.name}' holds {what} with components [{components}], which this pack cannot run. "
+        f"Supported: {supported}."
+    )
+
+
+__all__ = [
+    "Family",
+    "FamilyDefaults",
+    "GenerationRequest",
+    "ModelIndex",
+    "FAMILY_CLASSES",
+    "detect_family",
+    "family_by_id",
+    "register_family",
+]

@@ -1,0 +1,172 @@
+"""Wan image-to-video: Wan2.1 I2V (480P/720P), Wan2.1 FLF2V, Wan2.2 I2V-A14B (two experts), Wan2.2 TI2V-5B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
+
+if TYPE_CHECKING:
+    from ..handles import LoadedPipeline, RunInfo
+
+PIPELINE = "WanImageToVideoPipeline"
+# The Wan attention processor hard-codes 512 text tokens when it splits image from text tokens; any other
+# length silently gives the image branch no tokens.
+MAX_TEXT_TOKENS = 512
+# Decode peak measured for the full Wan VAE (base_dim 96, bf16): 4.62 GiB for one 480x832 clip; the causal
+# decoder works a few frames at a time, so the peak scales with pixels per frame, not with frame count.
+_DECODE_BYTES_PER_PIXEL_FULL = 4.62 * 2**30 / (480 * 832)
+_FULL_BASE_DIM = 96
+
+
+class _WanFamily(Family):
+    pipeline_class_name = PIPELINE
+    text_encoder_names = ("text_encoder",)
+    preview_latent_format = "Wan21"
+
+    def load(self, folder: Path, torch_dtype: torch.dtype) -> Any:
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+
+    def _spatial_factor(self, pipe: Any) -> int:
+        return int(pipe.vae_scale_factor_spatial)
+
+    def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":
+        from ..handles import RunInfo
+
+        pipe = loaded.pipe
+        s = self._spatial_factor(pipe)
+        t = int(pipe.vae_scale_factor_temporal)
+        return RunInfo(
+            width=request.width,
+            height=request.height,
+            num_frames=request.num_frames,
+            steps=request.steps,
+            latent_frames=(request.num_frames - 1) // t + 1,
+            latent_height=request.height // s,
+            latent_width=request.width // s,
+            do_cfg=request.cfg > 1.0,
+        )
+
+    def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
+        config = pipe.scheduler.config
+        if "flow_shift" in config and float(config["flow_shift"]) != float(request.shift):
+            pipe.scheduler = type(pipe.scheduler).from_config(config, flow_shift=float(request.shift))
+
+    def sample(self, loaded: "LoadedPipeline", request: GenerationRequest, generator: torch.Generator) -> torch.Tensor:
+        pipe = loaded.pipe
+        do_cfg = request.cfg > 1.0
+        # Prompts are encoded here rather than inside the pipeline so the text encoder may live on another
+        # device (text_encoder_on_cpu) than the denoiser.
+        with torch.no_grad():
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                do_classifier_free_guidance=do_cfg,
+                max_sequence_length=MAX_TEXT_TOKENS,
+                device=loaded.text_device,
+            )
+        kwargs: dict[str, Any] = dict(
+            image=request.image,
+            prompt_embeds=prompt_embeds.to(loaded.device),
+            negative_prompt_embeds=negative_embeds.to(loaded.device) if negative_embeds is not None else None,
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_inference_steps=request.steps,
+            guidance_scale=request.cfg,
+            generator=generator,
+            output_type="latent",
+            max_sequence_length=MAX_TEXT_TOKENS,
+        )
+        if request.end_image is not None:
+            kwargs["last_image"] = request.end_image
+        return pipe(**kwargs).frames
+
+    def decode(self, loaded: "LoadedPipeline", latents: torch.Tensor) -> torch.Tensor:
+        vae = loaded.pipe.vae
+        z = vae.config.z_dim
+        latents = latents.to(loaded.device, vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, z, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, z, 1, 1, 1)
+        with torch.no_grad():
+            video = vae.decode(latents * std + mean, return_dict=False)[0]
+        # [1, 3, F, H, W] in -1..1 -> [F, H, W, 3] in 0..1
+        frames = ((video[0].float().clamp(-1.0, 1.0) + 1.0) / 2.0).permute(1, 2, 3, 0)
+        return frames.contiguous().cpu()
+
+    def decode_bytes_per_pixel(self, loaded: "LoadedPipeline") -> float:
+        vae = loaded.pipe.vae
+        base_dim = float(vae.config.get("base_dim", _FULL_BASE_DIM))
+        elem = torch.tensor([], dtype=vae.dtype).element_size()
+        return _DECODE_BYTES_PER_PIXEL_FULL * (base_dim / _FULL_BASE_DIM) * (elem / 2.0)
+
+
+def _transformer_config(index: ModelIndex) -> dict[str, Any]:
+    return index.component_config("transformer")
+
+
+class Wan21I2V(_WanFamily):
+    id = "wan2.1-i2v"
+    label = "Wan2.1 I2V 14B (480P/720P)"
+    defaults = FamilyDefaults(width=832, height=480, num_frames=81, steps=40, cfg=5.0, shift=3.0, fps=16)
+
+    @classmethod
+    def matches(cls, index: ModelIndex) -> bool:
+        return (
+            index.pipeline_class == PIPELINE
+            and index.has_component("image_encoder")
+            and not index.has_component("transformer_2")
+            and _transformer_config(index).get("pos_embed_seq_len") is None
+        )
+
+
+class Wan21FLF2V(_WanFamily):
+    id = "wan2.1-flf2v"
+    label = "Wan2.1 FLF2V 14B (first-last frame)"
+    defaults = FamilyDefaults(width=1280, height=720, num_frames=81, steps=40, cfg=5.0, shift=5.0, fps=16)
+    supports_end_image = True
+
+    @classmethod
+    def matches(cls, index: ModelIndex) -> bool:
+        return (
+            index.pipeline_class == PIPELINE
+            and index.has_component("image_encoder")
+            and _transformer_config(index).get("pos_embed_seq_len") is not None
+        )
+
+
+class Wan22I2VA14B(_WanFamily):
+    id = "wan2.2-i2v-a14b"
+    label = "Wan2.2 I2V A14B (two experts)"
+    defaults = FamilyDefaults(width=832, height=480, num_frames=81, steps=40, cfg=3.5, shift=5.0, fps=16)
+    supports_end_image = True
+    denoiser_names = ("transformer", "transformer_2")
+
+    @classmethod
+    def matches(cls, index: ModelIndex) -> bool:
+        return index.pipeline_class == PIPELINE and index.has_component("transformer_2")
+
+
+class Wan22TI2V5B(_WanFamily):
+    id = "wan2.2-ti2v-5b"
+    label = "Wan2.2 TI2V 5B"
+    defaults = FamilyDefaults(width=1280, height=704, num_frames=121, steps=50, cfg=5.0, shift=5.0, fps=24)
+    # 16x spatial VAE compression times a 2x2 patch
+    size_multiple = 32
+    preview_latent_format = "Wan22"
+
+    @classmethod
+    def matches(cls, index: ModelIndex) -> bool:
+        return (
+            index.pipeline_class == PIPELINE
+            and bool(index.index.get("expand_timesteps"))
+            and not index.has_component("transformer_2")
+        )
+
+
+WAN_FAMILIES: tuple[type[Family], ...] = (Wan22I2VA14B, Wan22TI2V5B, Wan21FLF2V, Wan21I2V)

@@ -1,0 +1,96 @@
+"""The values that travel between nodes: a loaded model and sampled latents.
+
+They are plain data so that ComfyUI can cache them between prompts; the heavy pipeline object is shared, never
+copied, between a model handle and its patched clones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from .families.base import Family
+    from .loader import LoadOptions
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a model patch needs to know about the run it is attached to."""
+
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    do_cfg: bool
+
+
+class ModelPatch(Protocol):
+    """A change applied to the shared pipeline for the duration of one sampling run only.
+
+    ``attach`` returns a function that undoes exactly what it did, so the cached pipeline is never left patched
+    (bypassing or deleting the patch node must give the unpatched output again).
+    """
+
+    name: str
+
+    def attach(self, model: "VramwiseModel", run: RunInfo) -> Callable[[], None]: ...
+
+    def on_step(self, step: int, total: int) -> None: ...
+
+
+@dataclass
+class LoadedPipeline:
+    """One diffusers pipeline with the offload/precision plan that was applied to it."""
+
+    pipe: Any
+    family: "Family"
+    options: "LoadOptions"
+    device: torch.device
+    notes: list[str] = field(default_factory=list)
+    released: bool = False
+    # Moves whatever the offload mode lets go of back off the GPU; called after every run and on errors.
+    release_hooks: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    @property
+    def text_device(self) -> torch.device:
+        return torch.device("cpu") if self.options.text_encoder_on_cpu else self.device
+
+    @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, n) for n in self.family.denoiser_names if getattr(self.pipe, n, None) is not None]
+
+
+@dataclass(frozen=True)
+class VramwiseModel:
+    """The VRAMWISE_MODEL socket value: a loaded pipeline plus the patches to apply when sampling."""
+
+    loaded: LoadedPipeline
+    patches: tuple[ModelPatch, ...] = ()
+
+    @property
+    def family(self) -> "Family":
+        return self.loaded.family
+
+    def with_patch(self, patch: ModelPatch) -> "VramwiseModel":
+        """A clone that also applies ``patch``; the original handle is untouched."""
+        kept = tuple(p for p in self.patches if p.name != patch.name)
+        return replace(self, patches=kept + (patch,))
+
+
+@dataclass(frozen=True)
+class VramwiseLatent:
+    """The VRAMWISE_LATENT socket value: denoised latents (normalised, on CPU) and how to turn them into frames."""
+
+    samples: torch.Tensor
+    family_id: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    info: str = ""

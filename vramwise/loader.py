@@ -1,0 +1,151 @@
+"""Load a model folder into a placed pipeline, and keep loaded pipelines between prompts.
+
+The cache is keyed by the loader node that asked (its slot) so two loaders in one workflow don't evict each
+other, while a loader whose inputs changed releases its old pipeline before loading the new one: holding two
+14B models at once is exactly the out-of-memory the pack exists to avoid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .device import allocated_bytes, release_memory
+from .errors import ModelFolderError
+from .families import detect_family
+from .handles import LoadedPipeline
+from .offload import OffloadMode, apply_offload
+from .precision import DENOISER_FP8_SKIP, TEXT_ENCODER_FP8_SKIP, WeightDtype, apply_fp8_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    folder: Path
+    offload_mode: OffloadMode
+    weight_dtype: WeightDtype
+    text_encoder_on_cpu: bool = False
+
+
+def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
+    """Detect the family, load the weights (safetensors only), apply precision and offload placement."""
+    family = detect_family(options.folder)
+    try:
+        pipe = family.load(options.folder, options.weight_dtype.compute_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(
+            f"Could not load '{options.folder.name}' as {family.label}: {type(e).__name__}: {e}. "
+            "The folder looks incomplete or corrupt; copy or download it again (every component folder with its "
+            "config.json and *.safetensors weights)."
+        ) from e
+    notes = [f"{family.label} from '{options.folder.name}'"]
+    if options.weight_dtype is WeightDtype.FP8_E4M3FN:
+        targets = [(getattr(pipe, n, None), DENOISER_FP8_SKIP) for n in family.denoiser_names]
+        targets += [(getattr(pipe, n, None), TEXT_ENCODER_FP8_SKIP) for n in family.text_encoder_names]
+        notes += apply_fp8_storage(targets, options.weight_dtype.compute_dtype)
+    keep_on_cpu = family.text_encoder_names if options.text_encoder_on_cpu else ()
+    release_hooks, offload_notes = apply_offload(
+        pipe, options.offload_mode, device, family.denoiser_names, keep_on_cpu
+    )
+    return LoadedPipeline(
+        pipe=pipe, family=family, options=options, device=device, notes=notes + offload_notes, release_hooks=release_hooks
+    )
+
+
+def _drop(loaded: LoadedPipeline) -> None:
+    """Let go of a pipeline's weights; the handle stays valid and reloads on next use."""
+    if loaded.released:
+        return
+    try:
+        loaded.release_hooks()
+    finally:
+        loaded.pipe = None
+        loaded.released = True
+
+
+class PipelineCache:
+    """Loaded pipelines by loader slot (the loader node's id)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, LoadedPipeline] = {}
+        self._generation = 0
+        self._lock = threading.RLock()
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever anything is released, so ComfyUI re-runs loaders instead of reusing stale handles."""
+        return self._generation
+
+    def get_or_load(
+        self,
+        slot: str,
+        options: LoadOptions,
+        device: torch.device,
+        before_load: Callable[[], None] | None = None,
+    ) -> tuple[LoadedPipeline, bool]:
+        """The slot's pipeline for ``options`` and whether it was reused."""
+        with self._lock:
+            current = self._slots.get(slot)
+            if current is not None and current.options == options and not current.released:
+                return current, True
+            if current is not None:
+                self.release(slot)
+            for other in self._slots.values():
+                if other.options == options and not other.released and other.device == device:
+                    self._slots[slot] = other
+                    return other, True
+            if before_load is not None:
+                before_load()
+            loaded = load_pipeline(options, device)
+            self._slots[slot] = loaded
+            return loaded, False
+
+    def revive(self, loaded: LoadedPipeline, before_load: Callable[[], None] | None = None) -> LoadedPipeline:
+        """Reload a released pipeline in place, so every handle that points at it works again."""
+        with self._lock:
+            if not loaded.released:
+                return loaded
+            if before_load is not None:
+                before_load()
+            fresh = load_pipeline(loaded.options, loaded.device)
+            loaded.pipe, loaded.notes, loaded.release_hooks = fresh.pipe, fresh.notes, fresh.release_hooks
+            loaded.released = False
+            return loaded
+
+    def release(self, slot: str) -> int:
+        """Release one slot's pipeline (unless another slot shares it); returns GPU bytes freed."""
+        with self._lock:
+            loaded = self._slots.pop(slot, None)
+            if loaded is None or any(v is loaded for v in self._slots.values()):
+                return 0
+            return self._release_loaded([loaded])
+
+    def release_all(self) -> int:
+        with self._lock:
+            unique = {id(v): v for v in self._slots.values()}
+            self._slots.clear()
+            return self._release_loaded(list(unique.values()))
+
+    def _release_loaded(self, items: list[LoadedPipeline]) -> int:
+        devices = {lp.device for lp in items}
+        before = sum(allocated_bytes(d) for d in devices)
+        for loaded in items:
+            _drop(loaded)
+        self._generation += 1
+        for d in devices:
+            release_memory(d)
+        after = sum(allocated_bytes(d) for d in devices)
+        return max(0, before - after)
+
+    def __len__(self) -> int:
+        return len({id(v) for v in self._slots.values()})
+
+
+CACHE = PipelineCache()

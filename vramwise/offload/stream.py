@@ -1,0 +1,679 @@
+"""``stream`` offload: the denoiser's repeated blocks stream from pinned host memory through a few reused GPU slots.
+
+How it works
+- Each repeated block's parameters are packed once into one flat host buffer (pinned when CUDA is present), in
+  their storage dtype: bf16, or fp8 for the big Linear weights. The block's parameters then point into that
+  buffer, so host RAM holds the weights once.
+- On the GPU there are ``depth + 1`` flat slot buffers, each the size of the largest block, allocated when a run
+  starts and reused for every block of every step (no allocation per block). Block ``i`` is copied into a slot on
+  a side stream while block ``i - 1`` computes; the compute stream waits on the copy's event, and the copy into a
+  slot waits on the event recorded when the slot's previous block finished.
+- fp8 parameters are laid out first in a block's buffer, so one cast kernel upcasts all of them into a single
+  reused compute-dtype buffer before the block runs.
+- Everything else of the denoiser (embedders, norms, proj_out) stays resident while a run lasts.
+- The work is done by forward pre/post hooks on each block (block boundaries only): the blocks' own forward is
+  untouched and may be compiled.
+- On a machine without CUDA the same scheduler runs with synchronous copies, so the ordering logic is testable.
+
+``CfgBatcher`` (also here) runs both classifier-free-guidance passes of a step as one batch-2 forward, so in
+stream mode each block crosses PCIe once per denoising step instead of twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..device import host_available_bytes
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 256  # bytes; every tensor in a flat buffer starts on this boundary
+FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+# Share of MemAvailable (plus what the blocks already hold) that may be pinned.
+PINNED_SHARE = 0.85
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _Entry:
+    module: torch.nn.Module
+    name: str
+    is_param: bool
+    offset: int  # byte offset in the flat storage buffer
+    numel: int
+    shape: torch.Size
+    dtype: torch.dtype  # storage dtype
+
+
+@dataclass
+class BlockLayout:
+    """Where each tensor of one block lives in its flat buffer."""
+
+    entries: list[_Entry]
+    nbytes: int
+    fp8_numel: int  # the first fp8_numel bytes are the fp8 region (element index == byte offset)
+    host: torch.Tensor | None = None  # uint8, pinned when CUDA is present
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: outermost instances of the classes named in ``_repeated_blocks`` (or
+    ``_no_split_modules``), in module order; else the members of a ``blocks`` ModuleList."""
+    names = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
+    out: list[torch.nn.Module] = []
+    prefixes: list[str] = []
+    for qual, mod in model.named_modules():
+        if mod is model or type(mod).__name__ not in names:
+            continue
+        if any(qual.startswith(p + ".") for p in prefixes):
+            continue
+        prefixes.append(qual)
+        out.append(mod)
+    if not out:
+        blocks = getattr(model, "blocks", None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            out = list(blocks)
+    return out
+
+
+def plan_layout(block: torch.nn.Module, fp8_linear: bool = False) -> BlockLayout:
+    """Byte layout of a block: fp8 tensors first (so one kernel upcasts them), then the rest."""
+    items = []
+    for mod in block.modules():
+        for name, p in mod._parameters.items():
+            if p is None:
+                continue
+            dtype = p.dtype
+            if fp8_linear and isinstance(mod, torch.nn.Linear) and name == "weight" and dtype.is_floating_point:
+                dtype = FP8_DTYPES[0]
+            items.append((mod, name, True, p, dtype))
+        for name, b in mod._buffers.items():
+            if b is None:
+                continue
+            items.append((mod, name, False, b, b.dtype))
+    items.sort(key=lambda it: 0 if it[4] in FP8_DTYPES else 1)
+    entries = []
+    offset = 0
+    fp8_numel = 0
+    for mod, name, is_param, t, dtype in items:
+        size = t.numel() * torch.empty((), dtype=dtype).element_size()
+        entries.append(_Entry(mod, name, is_param, offset, t.numel(), t.shape, dtype))
+        offset = _align(offset + size)
+        if dtype in FP8_DTYPES:
+            fp8_numel = offset
+    return BlockLayout(entries, offset, fp8_numel)
+
+
+def _view(flat: torch.Tensor, e: _Entry) -> torch.Tensor:
+    size = e.numel * torch.empty((), dtype=e.dtype).element_size()
+    return flat[e.offset:e.offset + size].view(e.dtype).view(e.shape)
+
+
+def _set(e: _Entry, tensor: torch.Tensor) -> None:
+    if e.is_param:
+        e.module._parameters[e.name].data = tensor
+    else:
+        e.module._buffers[e.name] = tensor
+
+
+def _get(e: _Entry) -> torch.Tensor:
+    return e.module._parameters[e.name] if e.is_param else e.module._buffers[e.name]
+
+
+def _neutralise_layerwise_casting(block: torch.nn.Module) -> None:
+    """diffusers' layerwise casting would re-cast our views on every call; the stream engine upcasts itself."""
+    for mod in block.modules():
+        registry = getattr(mod, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            hook.pre_forward = lambda module, *args, **kwargs: (args, kwargs)
+            hook.post_forward = lambda module, output: output
+
+
+class _Sync:
+    """Streams and events on CUDA; synchronous no-ops elsewhere (the scheduling code is the same)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing) if self.cuda else None
+
+    def record(self, event, stream=None) -> None:
+        if event is not None:
+            event.record(stream if stream is not None else torch.cuda.current_stream())
+
+    def wait(self, event, stream=None) -> None:
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+
+class StreamOffload:
+    """Streams one model's repeated blocks through ``depth + 1`` reused device slots.
+
+    ``depth``: blocks prefetched ahead of the one computing; ``None`` measures it on the first forward of a run
+    (transfer time / compute time, capped by ``max_depth``) starting from 1.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        depth: int | None = None,
+        max_depth: int = 3,
+        fp8_linear: bool = False,
+        pinned_cap_bytes: int | None = None,
+        ffn_chunk_tokens: int | None = None,
+        blocks: list[torch.nn.Module] | None = None,
+        trace: bool = False,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.blocks = blocks if blocks is not None else repeated_blocks(model)
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no repeated blocks to stream")
+        self.fixed_depth = depth
+        self.depth = depth or 1
+        self.max_depth = max(1, max_depth)
+        self.sync = _Sync(self.device)
+        self.trace_enabled = trace
+        self.trace: list[tuple[str, int, int]] = []
+        self.on_activate: Callable[[], None] | None = None
+        self._index = {id(b): i for i, b in enumerate(self.blocks)}
+        for b in self.blocks:
+            _neutralise_layerwise_casting(b)
+        self.layouts = [plan_layout(b, fp8_linear) for b in self.blocks]
+        self.block_bytes = sum(l.nbytes for l in self.layouts)
+        self.slot_bytes = max(l.nbytes for l in self.layouts)
+        self.compute_dtype = self._compute_dtype()
+        self.upcast_numel = max(l.fp8_numel for l in self.layouts)
+        self._check_host(pinned_cap_bytes)
+        self._pack()
+        self._handles: list[Any] = []
+        self._ffn_originals: list[tuple[torch.nn.Module, bool]] = []
+        if ffn_chunk_tokens:
+            self._chunk_ffn(int(ffn_chunk_tokens))
+        # run state
+        self.active = False
+        self._slots: list[torch.Tensor] = []
+        self._slot_free: list[Any] = []
+        self._slot_of: dict[int, int] = {}  # block index -> slot
+        self._occupant: list[int | None] = []
+        self._ready: dict[int, Any] = {}  # block index -> copy-done event
+        self._next_slot = 0
+        self._upcast: torch.Tensor | None = None
+        self._measure: list[tuple[Any, Any]] | None = None
+        self._pending_start: Any = None
+        self._copy_timing: dict[int, tuple[Any, Any]] = {}
+        self.measured_ratio: float | None = None
+        self._install()
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype fp8 weights are upcast to: the most common non-fp8 float dtype among the Linear weights (then
+        among all tensors), bf16 when every one is fp8."""
+        for linear_only in (True, False):
+            totals: dict[torch.dtype, int] = {}
+            for l in self.layouts:
+                for e in l.entries:
+                    if linear_only and not (isinstance(e.module, torch.nn.Linear) and e.name == "weight"):
+                        continue
+                    if e.dtype.is_floating_point and e.dtype not in FP8_DTYPES:
+                        totals[e.dtype] = totals.get(e.dtype, 0) + e.numel
+            if totals:
+                return max(totals, key=totals.get)
+        return torch.bfloat16
+
+    @property
+    def pin(self) -> bool:
+        return self.sync.cuda and torch.cuda.is_available()
+
+    def _check_host(self, cap: int | None) -> None:
+        held = sum(_get(e).numel() * _get(e).element_size() for l in self.layouts for e in l.entries
+                   if _get(e).device.type == "cpu")
+        if cap is None:
+            cap = int((host_available_bytes() + held) * PINNED_SHARE)
+        self.pinned_cap_bytes = cap
+        if self.block_bytes > cap:
+            raise InputError(
+                "offload_mode",
+                f"'stream' needs {self.block_bytes / 2**30:.1f} GiB of pinned host memory for the "
+                f"{len(self.blocks)} denoiser blocks, but only {cap / 2**30:.1f} GiB can be pinned on this machine.",
+                "pick weight_dtype fp8_e4m3fn (halves it), offload_mode 'group' or 'sequential', or free host RAM "
+                "(close other programs).",
+            )
+
+    def _pack(self) -> None:
+        """Move every block's tensors into its flat host buffer and point the block at views of it."""
+        for layout in self.layouts:
+            host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            for e in layout.entries:
+                view = _view(host, e)
+                src = _get(e).detach()
+                view.copy_(src.to("cpu"))
+                _set(e, view)
+            layout.host = host
+
+    def _chunk_ffn(self, chunk: int) -> None:
+        """Run each block's feed-forward over slices of ``chunk`` tokens: row-wise identical, a fraction of the peak."""
+        for b in self.blocks:
+            ffn = getattr(b, "ffn", None)
+            if not isinstance(ffn, torch.nn.Module):
+                continue
+            had = "forward" in ffn.__dict__
+            self._ffn_originals.append((ffn, had))
+            inner = ffn.forward
+
+            def chunked(hidden_states, *args, _inner=inner, **kwargs):
+                if hidden_states.dim() < 3 or hidden_states.shape[1] <= chunk:
+                    return _inner(hidden_states, *args, **kwargs)
+                outs = [_inner(part, *args, **kwargs) for part in hidden_states.split(chunk, dim=1)]
+                return torch.cat(outs, dim=1)
+
+            ffn.forward = chunked
+
+    def _install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
+        self._handles.append(self.model.register_forward_hook(self._model_post))
+        for b in self.blocks:
+            self._handles.append(b.register_forward_pre_hook(self._block_pre))
+            self._handles.append(b.register_forward_hook(self._block_post))
+
+    def remove(self) -> None:
+        """Detach the hooks (weights stay in the host buffers, usable on the CPU)."""
+        self.release()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for ffn, had in self._ffn_originals:
+            if not had and "forward" in ffn.__dict__:
+                del ffn.forward
+        self._ffn_originals.clear()
+
+    # ---- run lifetime ------------------------------------------------------------------------------------------
+    def resident_modules(self) -> list[torch.nn.Module]:
+        block_ids = {id(b) for b in self.blocks}
+        out = []
+
+        def walk(mod: torch.nn.Module) -> None:
+            for child in mod.children():
+                if id(child) in block_ids:
+                    continue
+                out.append(child)
+                walk(child)
+
+        walk(self.model)
+        return out
+
+    def _move_resident(self, device: torch.device) -> None:
+        block_ids = {id(b) for b in self.blocks}
+        for name, p in self.model.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in list(self.model._buffers.items()):
+            if b is not None:
+                self.model._buffers[name] = b.to(device)
+        for child in self.model.children():
+            if id(child) in block_ids:
+                continue
+            if isinstance(child, torch.nn.ModuleList) and any(id(c) in block_ids for c in child):
+                continue
+            child.to(device)
+
+    def activate(self) -> None:
+        if self.active:
+            return
+        if self.on_activate is not None:
+            self.on_activate()
+        self._move_resident(self.device)
+        n_slots = self.depth + 1
+        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self._slot_free = [None] * n_slots
+        self._occupant = [None] * n_slots
+        self._slot_of.clear()
+        self._ready.clear()
+        self._next_slot = 0
+        if self.upcast_numel:
+            self._upcast = torch.empty(self.upcast_numel, dtype=self.compute_dtype, device=self.device)
+        self.active = True
+        if self.fixed_depth is None and self.sync.cuda and self.measured_ratio is None:
+            self._measure = []
+
+    def release(self) -> None:
+        """End of a run: point blocks back at host memory, free the slots, move the resident parts off the GPU."""
+        if not self.active:
+            return
+        if self.sync.cuda:
+            torch.cuda.synchronize(self.device)
+        for layout in self.layouts:
+            for e in layout.entries:
+                _set(e, _view(layout.host, e))
+        self._slots, self._slot_free, self._occupant = [], [], []
+        self._slot_of.clear()
+        self._ready.clear()
+        self._upcast = None
+        self._move_resident(torch.device("cpu"))
+        self.active = False
+
+    # ---- scheduling --------------------------------------------------------------------------------------------
+    def _issue(self, i: int) -> None:
+        """Start copying block ``i`` into the next slot of the ring (evicting its occupant)."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % len(self._slots)
+        old = self._occupant[slot]
+        if old is not None:
+            self._slot_of.pop(old, None)
+            self._ready.pop(old, None)
+        self._occupant[slot] = i
+        self._slot_of[i] = slot
+        layout = self.layouts[i]
+        dst = self._slots[slot][:layout.nbytes]
+        if self.sync.cuda:
+            stream = self.sync.copy_stream
+            self.sync.wait(self._slot_free[slot], stream)
+            timing = self._measure is not None
+            start = self.sync.event(timing) if timing else None
+            with torch.cuda.stream(stream):
+                if start is not None:
+                    start.record(stream)
+                dst.copy_(layout.host, non_blocking=True)
+                done = self.sync.event(timing)
+                done.record(stream)
+            if start is not None:
+                self._copy_timing[i] = (start, done)
+            self._ready[i] = done
+        else:
+            dst.copy_(layout.host)
+            self._ready[i] = None
+        if self.trace_enabled:
+            self.trace.append(("load", i, slot))
+
+    def _bind(self, i: int) -> None:
+        slot = self._slot_of[i]
+        layout = self.layouts[i]
+        flat = self._slots[slot]
+        self.sync.wait(self._ready[i])
+        if layout.fp8_numel:
+            up = self._upcast[:layout.fp8_numel]
+            up.copy_(flat[:layout.fp8_numel].view(FP8_DTYPES[0]))
+        for e in layout.entries:
+            if e.dtype in FP8_DTYPES:
+                _set(e, up[e.offset:e.offset + e.numel].view(e.shape))
+            else:
+                _set(e, _view(flat, e))
+
+    def _block_pre(self, block: torch.nn.Module, args: Any) -> None:
+        if not self.active:
+            self.activate()
+        i = self._index[id(block)]
+        if i not in self._slot_of:
+            self._issue(i)
+        self._bind(i)
+        if self.trace_enabled:
+            self.trace.append(("run", i, self._slot_of[i]))
+        n = len(self.blocks)
+        for k in range(1, self.depth + 1):
+            j = (i + k) % n
+            if j not in self._slot_of:
+                self._issue(j)
+        if self._measure is not None:
+            start = self.sync.event(True)
+            start.record()
+            self._pending_start = start
+
+    def _block_post(self, block: torch.nn.Module, args: Any, output: Any) -> None:
+        i = self._index[id(block)]
+        slot = self._slot_of.get(i)
+        if slot is None or not self.sync.cuda:
+            return
+        measuring = self._measure is not None
+        done = self.sync.event(measuring)
+        done.record()
+        self._slot_free[slot] = done
+        if measuring and self._pending_start is not None:
+            self._measure.append((self._pending_start, done))
+            self._pending_start = None
+
+    def _model_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if not self.active:
+            self.activate()
+
+    def _model_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._measure is None:
+            return
+        marks, self._measure = self._measure, None
+        torch.cuda.synchronize(self.device)
+        compute = [a.elapsed_time(b) for a, b in marks]
+        copies = [a.elapsed_time(b) for a, b in self._copy_timing.values()]
+        self._copy_timing.clear()
+        if not compute or not copies:
+            return
+        compute.sort()
+        copies.sort()
+        c = compute[len(compute) // 2]
+        t = copies[len(copies) // 2]
+        self.measured_ratio = t / max(c, 1e-6)
+        want = max(1, min(self.max_depth, math.ceil(self.measured_ratio * 1.25)))
+        log.info("stream offload: block compute %.2f ms, copy %.2f ms -> prefetch depth %d", c, t, want)
+        if want != self.depth:
+            # Takes effect at the next run's activation (slots are sized then).
+            self.depth = want
+
+    def describe(self) -> str:
+        kind = "pinned host" if self.pin else "host"
+        return (f"{len(self.blocks)} blocks streamed from {self.block_bytes / 2**30:.2f} GiB {kind} memory through "
+                f"{self.depth + 1} slots of {self.slot_bytes / 2**20:.0f} MiB")
+
+
+# ---- CFG batching ---------------------------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return a == b if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
+    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+class CfgBatcher:
+    """Runs the cond and uncond passes of a CFG step as one batch-2 forward of ``model``.
+
+    The pipeline calls the model twice per step with the same latent input and timestep, first with the prompt's
+    embeddings, then with the negative ones. On the cond call this runs both at once (negatives from
+    ``set_negative`` or learned from the first step's pair of calls), returns the cond half and keeps the uncond
+    half; the uncond call that follows gets it without computing. Anything else runs unchanged. On OOM of the
+    batched call, or when ``memory_ok`` says no, it falls back to two sequential passes.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        context_key: str = "encoder_hidden_states",
+        batched_keys: tuple[str, ...] = ("hidden_states", "timestep", "encoder_hidden_states_image"),
+        memory_ok: Callable[[torch.Tensor], bool] | None = None,
+    ) -> None:
+        self.model = model
+        self.context_key = context_key
+        self.batched_keys = batched_keys
+        self.memory_ok = memory_ok
+        self._sig = inspect.signature(model.forward)
+        self._had_forward = "forward" in model.__dict__
+        self._inner = model.forward
+        self.enabled = True
+        self.stats = {"batched": 0, "served": 0, "plain": 0, "fallback": 0}
+        self.reset()
+        model.forward = self._forward
+
+    def reset(self) -> None:
+        """Forget the per-run state (negatives, cached uncond output)."""
+        self.negative: torch.Tensor | None = None
+        self._learned = False
+        self._last: tuple[Any, Any, Any] | None = None
+        self._cache: tuple[Any, Any, Any] | None = None
+        self.enabled = True
+
+    def set_negative(self, negative: torch.Tensor) -> None:
+        self.negative = negative
+
+    def detach(self) -> None:
+        if self.model.__dict__.get("forward") == self._forward:
+            if self._had_forward:
+                self.model.forward = self._inner
+            else:
+                del self.model.forward
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        bound = self._sig.bind(*args, **kwargs)
+        return dict(bound.arguments)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            call = self._bind(args, kwargs)
+        except TypeError:
+            return self._plain(args, kwargs)
+        ctx = call.get(self.context_key)
+        x = call.get("hidden_states")
+        t = call.get("timestep")
+        if not isinstance(ctx, torch.Tensor) or not isinstance(x, torch.Tensor):
+            return self._plain(args, kwargs)
+        neg = self.negative
+        if neg is None:
+            # Learn the negatives: a second call on the same input and timestep with other embeddings.
+            last = self._last
+            if last is not None and _same(last[0], x) and _same(last[1], t) and not _same(last[2], ctx):
+                self.negative = ctx
+                self._learned = True
+            self._last = (x, t, ctx)
+            return self._plain(args, kwargs)
+        if _same(ctx, neg):
+            cache = self._cache
+            self._cache = None
+            if cache is not None and _same(cache[0], x) and _same(cache[1], t):
+                self.stats["served"] += 1
+                return cache[2]
+            return self._plain(args, kwargs)
+        self._cache = None
+        if (not self.enabled or x.shape[0] != 1 or neg.shape[0] != 1 or neg.shape[1:] != ctx.shape[1:]
+                or (self.memory_ok is not None and not self.memory_ok(x))):
+            return self._plain(args, kwargs)
+        batched = dict(call)
+        for key in self.batched_keys:
+            v = call.get(key)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1:
+                batched[key] = torch.cat([v, v], dim=0)
+        batched[self.context_key] = torch.cat([ctx, neg.to(ctx.device, ctx.dtype)], dim=0)
+        try:
+            out = self._inner(**batched)
+        except Exception as e:  # noqa: BLE001 - OOM only
+            if not is_oom(e):
+                raise
+            self.enabled = False
+            self.stats["fallback"] += 1
+            batched = out = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("CFG batching ran out of memory; running cond and uncond one after the other")
+            return self._plain(args, kwargs)
+        cond, uncond = _split_output(out)
+        self._cache = (x, t, uncond)
+        self.stats["batched"] += 1
+        return cond
+
+    def _plain(self, args: tuple, kwargs: dict) -> Any:
+        self.stats["plain"] += 1
+        return self._inner(*args, **kwargs)
+
+
+def _split_output(out: Any) -> tuple[Any, Any]:
+    """Split a model output along the batch into (first half, second half), keeping its structure."""
+    if isinstance(out, torch.Tensor):
+        return out[:1], out[1:]
+    if isinstance(out, tuple):
+        parts = [_split_output(o) if isinstance(o, torch.Tensor) else (o, o) for o in out]
+        return tuple(p[0] for p in parts), tuple(p[1] for p in parts)
+    if hasattr(out, "keys") and hasattr(out, "__class__"):
+        a = out.__class__(**{k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in out.items()})
+        b = out.__class__(**{k: (v[1:] if isinstance(v, torch.Tensor) else v) for k, v in out.items()})
+        return a, b
+    raise TypeError(f"cannot split a {type(out).__name__} output along the batch")
+
+
+# ---- placer -----------------------------------------------------------------------------------------------------
+@dataclass
+class StreamSettings:
+    fp8_linear: bool = False
+    depth: int | None = None
+    max_depth: int = 3
+    pinned_cap_bytes: int | None = None
+    ffn_chunk_tokens: int | None = 8192
+    cfg_batching: bool = True
+
+
+SETTINGS = StreamSettings()
+
+
+def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+    """Denoisers: streamed blocks + resident rest + CFG batching. Other components: moved on while they run."""
+    from accelerate import cpu_offload_with_hook
+
+    from .modes import components
+
+    denoisers = set(denoisers)
+    engines: list[StreamOffload] = []
+    batchers: list[CfgBatcher] = []
+    hooks = []
+    previous = None
+    for name, module in components(pipe, skip):
+        if name in denoisers:
+            continue
+        _, previous = cpu_offload_with_hook(module, device, prev_module_hook=previous)
+        hooks.append(previous)
+
+    def offload_others() -> None:
+        for hook in hooks:
+            hook.offload()
+        for eng in engines:
+            eng.release()
+
+    for name, module in components(pipe, skip):
+        if name not in denoisers:
+            continue
+        eng = StreamOffload(
+            module, device, depth=SETTINGS.depth, max_depth=SETTINGS.max_depth, fp8_linear=SETTINGS.fp8_linear,
+            pinned_cap_bytes=SETTINGS.pinned_cap_bytes, ffn_chunk_tokens=SETTINGS.ffn_chunk_tokens,
+        )
+        eng.on_activate = offload_others
+        engines.append(eng)
+        if SETTINGS.cfg_batching:
+            batchers.append(CfgBatcher(module))
+    pipe._vramwise_stream = engines
+
+    def release() -> None:
+        for hook in hooks:
+            hook.offload()
+        for eng in engines:
+            eng.release()
+        for b in batchers:
+            b.reset()
+
+    return release
+
+
+__all__ = ["StreamOffload", "CfgBatcher", "place_stream", "StreamSettings", "SETTINGS", "repeated_blocks", "is_oom"]

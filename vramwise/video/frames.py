@@ -1,0 +1,109 @@
+"""Turning a ComfyUI IMAGE tensor into integer frames a chunk at a time.
+
+The clip tensor is usually the biggest thing in RAM (81 x 720p float32 is 900 MB), so nothing here may build a
+second copy of it: output order is a list of indices (pingpong included) and only ``chunk_size`` frames are ever
+converted to integers at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+# NTSC-style rates: users type 23.976 or 29.97 and mean n*1000/1001, which players and editors expect exactly.
+_NTSC_BASES = (24, 30, 48, 60, 120)
+
+
+def as_frames(images: Any) -> torch.Tensor:
+    """A [F,H,W,C] view (C in 3..4) of a ComfyUI IMAGE, a single [H,W,C] image or a numpy array; never copies."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise InputError("images", f"expected an IMAGE tensor, got {type(images).__name__}.", "connect an IMAGE output.")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[-1] not in (3, 4):
+        raise InputError(
+            "images",
+            f"expected shape [frames, height, width, 3 or 4], got {list(images.shape)}.",
+            "connect an IMAGE output (RGB or RGBA).",
+        )
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise InputError("images", f"the clip is empty (shape {list(images.shape)}).", "connect a non-empty IMAGE batch.")
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
+        raise InputError("images", f"unsupported dtype {images.dtype}.", "pass float images in 0..1 (or uint8).")
+    return images
+
+
+def to_fraction(fps: float | int | str | Fraction) -> Fraction:
+    """Exact frame rate: 23.976 -> 24000/1001, "30000/1001" kept, 12.5 -> 25/2."""
+    try:
+        rate = Fraction(fps.strip() if isinstance(fps, str) else fps) if isinstance(fps, (str, Fraction, int)) else None
+        value = float(rate if rate is not None else fps)
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise InputError("frame_rate", f"'{fps}' is not a number.", "enter a frame rate such as 16 or 24.") from None
+    if not math.isfinite(value) or value <= 0 or value > 1000:
+        raise InputError("frame_rate", f"{fps} is out of range.", "use a frame rate between 0.01 and 1000.")
+    if rate is not None and rate.denominator <= 1001:
+        return rate
+    for base in _NTSC_BASES:
+        ntsc = Fraction(base * 1000, 1001)
+        if abs(value - float(ntsc)) < 0.0015:
+            return ntsc
+    return Fraction(value).limit_denominator(1000)
+
+
+def frame_order(count: int, pingpong: bool) -> list[int]:
+    """Source index of every output frame; pingpong adds the way back without repeating either end."""
+    order = list(range(count))
+    if pingpong:
+        order += range(count - 2, 0, -1)  # empty for 1 or 2 frames: 2F-2 frames in every case but F=1
+    return order
+
+
+def padded_size(height: int, width: int, factors: tuple[int, int]) -> tuple[int, int]:
+    fx, fy = factors
+    return -(-height // fy) * fy, -(-width // fx) * fx
+
+
+def convert(frames: torch.Tensor, indices: Sequence[int], height: int, width: int, bits: int = 8) -> np.ndarray:
+    """[k, height, width, 3] uint8 (bits=8) or uint16 (bits=16) RGB for the given source frames.
+
+    Works one frame at a time into a preallocated array so the float temporaries are a single frame, whatever
+    the chunk. Frames smaller than (height, width) are padded by repeating the last row/column, because black
+    or cropped borders would show up as a line at the edge of the picture.
+    """
+    src_h, src_w = int(frames.shape[1]), int(frames.shape[2])
+    top = 255 if bits == 8 else 65535
+    out = np.empty((len(indices), height, width, 3), dtype=np.uint8 if bits == 8 else np.uint16)
+    for j, i in enumerate(indices):
+        frame = frames[i, :, :, :3]
+        if frame.dtype == torch.uint8:
+            values = frame if bits == 8 else frame.to(torch.int32) * 257
+        else:
+            scaled = frame.to(torch.float32).mul(top)
+            # NaN from a broken VAE decode would otherwise become an arbitrary integer.
+            values = torch.nan_to_num_(scaled, nan=0.0).add_(0.5).clamp_(0, top)
+            values = values.to(torch.uint8 if bits == 8 else torch.int32)
+        out[j, :src_h, :src_w] = values.cpu().numpy()
+        if width > src_w:
+            out[j, :src_h, src_w:] = out[j, :src_h, src_w - 1 : src_w]
+        if height > src_h:
+            out[j, src_h:] = out[j, src_h - 1 : src_h]
+    return out
+
+
+def iter_chunks(
+    frames: torch.Tensor, order: Sequence[int], chunk_size: int, height: int, width: int, bits: int = 8
+) -> Iterator[np.ndarray]:
+    """Converted frames in output order, ``chunk_size`` at a time."""
+    step = max(1, int(chunk_size))
+    for start in range(0, len(order), step):
+        yield convert(frames, order[start : start + step], height, width, bits)
