@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,21 +100,33 @@ def _byte_alphabet() -> list[str]:
     return [mapping[b] for b in range(256)]
 
 
-def _chain_merges(symbol_lists: list[list[str]]) -> list[tuple[str, str]]:
-    """Left-to-right merges that build each word from its symbols; ordered by depth so short pieces form first."""
-    by_depth: dict[int, list[tuple[str, str]]] = {}
-    for symbols in symbol_lists:
-        current = symbols[0]
-        for depth, nxt in enumerate(symbols[1:]):
-            by_depth.setdefault(depth, []).append((current, nxt))
-            current += nxt
-    merges, seen = [], set()
-    for depth in sorted(by_depth):
-        for pair in by_depth[depth]:
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-    return merges
+def _learn_bpe_merges(words: list[list[str]]) -> list[tuple[str, str]]:
+    """Plain BPE training on the word list: repeatedly merge the most frequent adjacent pair.
+
+    Learned (rather than hand-ordered) merges are self-consistent, so every listed word encodes to
+    one token. Ties break on the pair itself, keeping the result deterministic.
+    """
+    seqs = [list(w) for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter()
+        for seq in seqs:
+            counts.update(zip(seq, seq[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for i, seq in enumerate(seqs):
+            out, j = [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == best:
+                    out.append(joined)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
 
 
 def _umt5_tokenizer():
@@ -139,7 +152,7 @@ def _clip_tokenizer():
         vocab[tok] = len(vocab)
     # CLIP lowercases and marks the last symbol of each word with </w>.
     words = sorted({w.lower() for w in _WORDS if len(w) > 1})
-    merges = _chain_merges([list(w[:-1]) + [w[-1] + "</w>"] for w in words])
+    merges = _learn_bpe_merges([list(w[:-1]) + [w[-1] + "</w>"] for w in words])
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
@@ -182,8 +195,9 @@ def _qwen2_tokenizer():
     vocab: dict[str, int] = {}
     for tok in alphabet:
         vocab[tok] = len(vocab)
-    symbol_lists = [list(w) for w in _WORDS if len(w) > 1] + [[space] + list(w) for w in _WORDS]
-    merges = _chain_merges(symbol_lists)
+    # Chat-template role names are tokenized on every prompt.
+    words = _WORDS + ["user", "assistant", "system"]
+    merges = _learn_bpe_merges([list(w) for w in words if len(w) > 1] + [[space] + list(w) for w in words])
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     for special in QWEN_SPECIALS:
@@ -265,7 +279,7 @@ def _wan_transformer(tag: str, *, in_channels: int, out_channels: int, with_imag
             image_dim=WAN_CLIP_HIDDEN if with_image else None,
             # Without added K/V projections the attention processor treats CLIP tokens as text.
             added_kv_proj_dim=inner if with_image else None,
-            rope_max_seq_len=32,
+            rope_max_seq_len=1024,
             pos_embed_seq_len=2 * WAN_CLIP_TOKENS if flf2v else None,
         ).eval()
 
@@ -725,8 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
+    # Keep stdout/stderr to the folder list: the libraries' warnings and save progress bars are noise here.
     dlogging.set_verbosity_error()
     tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()
     for path in build_all(args.root, args.only).values():
         print(path)
     return 0

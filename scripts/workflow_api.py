@@ -43,8 +43,11 @@ def _combo_options(kind: Any, opts: dict[str, Any]) -> list[Any] | None:
 
 
 def _has_control_widget(kind: Any, opts: dict[str, Any]) -> bool:
-    # The frontend adds a "control after generate" combo right after such a widget; its value is saved too.
-    return kind in ("INT", "FLOAT") and bool(opts.get("control_after_generate"))
+    # The frontend adds a companion widget right after these ("control after generate" for seeds, the upload
+    # button for file pickers) and saves its value too.
+    if kind in ("INT", "FLOAT") and opts.get("control_after_generate"):
+        return True
+    return any(opts.get(k) for k in ("image_upload", "video_upload", "animated_image_upload", "audio_upload"))
 
 
 def widget_names(info: dict[str, Any]) -> list[str]:

@@ -9,16 +9,26 @@ import json
 from pathlib import Path
 
 from ..errors import ModelFolderError
+from typing import Callable
+
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
+from .easyanimate import EASYANIMATE_FAMILIES, legacy_layout_reason
+from .i2vgenxl import I2VGENXL_FAMILIES
 from .wan import WAN_FAMILIES
 
-FAMILY_CLASSES: list[type[Family]] = [*WAN_FAMILIES]
+FAMILY_CLASSES: list[type[Family]] = [*WAN_FAMILIES, *EASYANIMATE_FAMILIES, *I2VGENXL_FAMILIES]
 
 # Pipelines we recognise but cannot run, with the reason a user should read.
 KNOWN_UNSUPPORTED: dict[str, str] = {
     "WanPipeline": "a Wan text-to-video model; this pack needs an image-to-video (I2V/FLF2V/TI2V) model",
     "WanVACEPipeline": "a Wan VACE model; it is not supported yet",
+    "EasyAnimatePipeline": "an EasyAnimate text-to-video model; this pack needs the V5.1 InP (image-to-video) model",
+    "EasyAnimateControlPipeline": "an EasyAnimate control-to-video model; this pack needs the V5.1 InP (image-to-video) model",
 }
+
+# Checks for folders whose pipeline class a family runs but whose layout it cannot load: each returns the reason
+# a user should read, or None. They run before any family is matched.
+LAYOUT_REFUSALS: list[Callable[[ModelIndex], str | None]] = [legacy_layout_reason]
 
 
 def register_family(cls: type[Family], first: bool = True) -> None:
@@ -49,6 +59,10 @@ def detect_family(folder: Path) -> Family:
         index = ModelIndex.read(folder)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"'{folder}/model_index.json' is not valid JSON ({e}); the download is corrupt.") from e
+    for refusal in LAYOUT_REFUSALS:
+        reason = refusal(index)
+        if reason:
+            raise ModelFolderError(f"'{folder.name}' holds {reason}.")
     for cls in FAMILY_CLASSES:
         if cls.matches(index):
             return cls()
@@ -69,6 +83,7 @@ __all__ = [
     "GenerationRequest",
     "ModelIndex",
     "FAMILY_CLASSES",
+    "LAYOUT_REFUSALS",
     "detect_family",
     "family_by_id",
     "register_family",

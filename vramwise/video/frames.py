@@ -76,23 +76,28 @@ def padded_size(height: int, width: int, factors: tuple[int, int]) -> tuple[int,
 def convert(frames: torch.Tensor, indices: Sequence[int], height: int, width: int, bits: int = 8) -> np.ndarray:
     """[k, height, width, 3] uint8 (bits=8) or uint16 (bits=16) RGB for the given source frames.
 
-    Works one frame at a time into a preallocated array so the float temporaries are a single frame, whatever
-    the chunk. Frames smaller than (height, width) are padded by repeating the last row/column, because black
-    or cropped borders would show up as a line at the edge of the picture.
+    Works one frame at a time through one reused float scratch frame, so the temporaries stay a single frame
+    whatever the chunk (and reusing it avoids page-faulting a fresh buffer for every arithmetic step). Frames
+    smaller than (height, width) are padded by repeating the last row/column: black or cropped borders would
+    show up as a line at the edge of the picture.
     """
     src_h, src_w = int(frames.shape[1]), int(frames.shape[2])
     top = 255 if bits == 8 else 65535
     out = np.empty((len(indices), height, width, 3), dtype=np.uint8 if bits == 8 else np.uint16)
+    out_t = torch.from_numpy(out)
+    on_cpu = frames.device.type == "cpu"
+    scratch = None if frames.dtype == torch.uint8 else torch.empty((src_h, src_w, 3), device=frames.device)
     for j, i in enumerate(indices):
         frame = frames[i, :, :, :3]
-        if frame.dtype == torch.uint8:
-            values = frame if bits == 8 else frame.to(torch.int32) * 257
+        target = out_t[j, :src_h, :src_w]
+        if scratch is None:  # uint8 input
+            target.copy_(frame if bits == 8 else frame.to(torch.int32) * 257)
         else:
-            scaled = frame.to(torch.float32).mul(top)
+            scratch.copy_(frame)  # also widens float16/bfloat16
             # NaN from a broken VAE decode would otherwise become an arbitrary integer.
-            values = torch.nan_to_num_(scaled, nan=0.0).add_(0.5).clamp_(0, top)
-            values = values.to(torch.uint8 if bits == 8 else torch.int32)
-        out[j, :src_h, :src_w] = values.cpu().numpy()
+            torch.nan_to_num_(scratch, nan=0.0).clamp_(0.0, 1.0).mul_(top).add_(0.5)  # + 0.5 then truncating copy = round half up
+            # On a GPU, cast there so only integers cross the bus.
+            target.copy_(scratch if on_cpu else scratch.to(out_t.dtype))
         if width > src_w:
             out[j, :src_h, src_w:] = out[j, :src_h, src_w - 1 : src_w]
         if height > src_h:

@@ -1,0 +1,174 @@
+"""Write the shipped UI-format workflows in workflows/ from short graph descriptions.
+
+Widget values are written in the order the live schemas give (a server with the pack is started to read
+/object_info), so the files match what the frontend itself would save. Run after changing a node's inputs,
+then review the diff: a saved workflow is a contract with users.
+
+    .cache/venv/bin/python scripts/make_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workflow_api import _has_control_widget, _input_specs, _is_widget  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+START_IMAGE = "vramwise_start.png"
+END_IMAGE = "vramwise_end.png"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input name -> (source node id, output slot)
+    pos: tuple[int, int] = (0, 0)
+    size: tuple[int, int] = (320, 200)
+    title: str | None = None
+
+
+def build(nodes: list[Node], object_info: dict[str, Any], note: str = "") -> dict[str, Any]:
+    links: list[list[Any]] = []
+    outputs: dict[tuple[int, int], list[int]] = {}
+    ui_nodes = []
+    for order, node in enumerate(nodes):
+        info = object_info[node.type]
+        specs = _input_specs(info)
+        inputs = []
+        for name, kind, opts in specs:
+            if name in node.links:
+                src, slot = node.links[name]
+                link_id = len(links) + 1
+                src_type = object_info[next(n.type for n in nodes if n.id == src)]["output"][slot]
+                links.append([link_id, src, slot, node.id, len(inputs), src_type])
+                outputs.setdefault((src, slot), []).append(link_id)
+                entry = {"name": name, "type": src_type, "link": link_id}
+                if _is_widget(kind, opts):
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+            elif not _is_widget(kind, opts):
+                inputs.append({"name": name, "type": kind if isinstance(kind, str) else "COMBO", "link": None})
+        values = []
+        for name, kind, opts in specs:
+            if not _is_widget(kind, opts):
+                continue
+            if name in node.widgets:
+                value = node.widgets[name]
+            elif "default" in opts:
+                value = opts["default"]
+            else:
+                options = kind if isinstance(kind, list) else opts.get("options", [])
+                value = options[0] if options else None
+            values.append(value)
+            if _has_control_widget(kind, opts):
+                values.append("fixed" if kind in ("INT", "FLOAT") else "image")
+        ui_node = {
+            "id": node.id,
+            "type": node.type,
+            "pos": list(node.pos),
+            "size": list(node.size),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": [],
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": values,
+        }
+        if node.title:
+            ui_node["title"] = node.title
+        ui_nodes.append((node, ui_node, info))
+    for node, ui_node, info in ui_nodes:
+        for slot, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
+            ui_node["outputs"].append({"name": oname, "type": otype, "links": outputs.get((node.id, slot), []), "slot_index": slot})
+    workflow = {
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": len(links),
+        "nodes": [u for _, u, _ in ui_nodes],
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "vramwise_note": note} if note else {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+    return workflow
+
+
+def writer_node(node_id: int, images_from: int, fps_from: int, prefix: str, object_info: dict[str, Any], pos: tuple[int, int]) -> Node:
+    """The pack's own video writer when it is registered, else core SaveAnimatedWEBP."""
+    if "VRAMWiseVideoWriter" in object_info:
+        return Node(node_id, "VRAMWiseVideoWriter", {"filename_prefix": prefix},
+                    {"images": (images_from, 0), "fps": (fps_from, 1)}, pos=pos, size=(360, 420))
+    return Node(node_id, "SaveAnimatedWEBP", {"filename_prefix": prefix, "fps": 16.0, "lossless": False, "quality": 90},
+                {"images": (images_from, 0)}, pos=pos, size=(360, 420))
+
+
+def i2v_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any], prefix: str,
+              loader: dict[str, Any] | None = None, end_image: bool = False, extra: list[Node] | None = None,
+              model_from: int = 2) -> list[Node]:
+    nodes = [
+        Node(1, "LoadImage", {"image": START_IMAGE}, pos=(0, 260), size=(300, 340), title="Start frame"),
+        Node(2, "VRAMWiseModelLoader", {"model": model, **(loader or {})}, pos=(0, 0), size=(380, 180)),
+        Node(3, "VRAMWiseSampler", sampler, {"model": (model_from, 0), "image": (1, 0)} | ({"end_image": (6, 0)} if end_image else {}),
+             pos=(420, 0), size=(400, 560)),
+        Node(4, "VRAMWiseVAEDecode", {}, {"model": (model_from, 0), "latent": (3, 0)}, pos=(860, 0), size=(320, 200)),
+    ]
+    if end_image:
+        nodes.append(Node(6, "LoadImage", {"image": END_IMAGE}, pos=(0, 640), size=(300, 340), title="End frame"))
+    nodes += extra or []
+    nodes.append(writer_node(5, 4, 4, prefix, object_info, pos=(1220, 0)))
+    return nodes
+
+
+def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]]:
+    """Every shipped workflow: file name -> (graph, note)."""
+    wan_prompt = "A yellow ball rolls slowly to the right across a colourful striped floor, smooth camera."
+    negative = "blurry, low quality, static, distorted"
+    return {
+        "vramwise_tiny_demo": (
+            i2v_graph(object_info, model="tiny-wan21-i2v", prefix="vramwise/demo",
+                      loader={"offload_mode": "model"},
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 128, "height": 96,
+                               "num_frames": 17, "steps": 4, "cfg": 5.0, "seed": 42, "shift": 3.0}),
+            "Runs in seconds on a CPU with the tiny random Wan2.1 model that scripts/demo.sh builds. Output is noise-like: the weights are random.",
+        ),
+        "wan21_i2v_480p": (
+            i2v_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v",
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                               "num_frames": 81, "steps": 40, "cfg": 5.0, "seed": 42, "shift": 3.0}),
+            "Wan2.1 I2V 14B 480P. Put the diffusers folder under models/diffusers (the name is a placeholder).",
+        ),
+        "wan22_i2v_a14b": (
+            i2v_graph(object_info, model="Wan2.2-I2V-A14B-Diffusers", prefix="vramwise/wan22_i2v_a14b",
+                      loader={"weight_dtype": "fp8_e4m3fn"},
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                               "num_frames": 81, "steps": 40, "cfg": 3.5, "seed": 42, "shift": 5.0}),
+            "Wan2.2 I2V A14B (two 14B experts). fp8 storage keeps both experts within host RAM on 64 GB machines.",
+        ),
+    }
+
+
+def main() -> int:
+    from comfy_harness import ComfyServer
+
+    with ComfyServer() as server:
+        object_info = server.object_info()
+    WORKFLOWS.mkdir(exist_ok=True)
+    for name, (nodes, note) in definitions(object_info).items():
+        path = WORKFLOWS / f"{name}.json"
+        path.write_text(json.dumps(build(nodes, object_info, note), indent=2) + "\n")
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
