@@ -149,7 +149,8 @@ def run_group(group: str, args) -> list[dict]:
             try:
                 s = timed(step, n, warm + (1 if compiled else 0))
                 peak = torch.cuda.max_memory_allocated()
-                record(mode, f, s, peak, dict(extra or {}, baseline_gib=round(base / 2**30, 2), cfg=dict(batcher.stats)))
+                extra = {k: (v() if callable(v) else v) for k, v in (extra or {}).items()}
+                record(mode, f, s, peak, dict(extra, baseline_gib=round(base / 2**30, 2), cfg=dict(batcher.stats)))
             except Exception as e:  # noqa: BLE001
                 log(f"RESULT_FAIL {mode} {f}: {type(e).__name__}: {str(e)[:300]}")
             finally:
@@ -169,7 +170,7 @@ def run_group(group: str, args) -> list[dict]:
                 log(f"[{group}] packed fp8={fp8} in {time.time() - t0:.1f}s: {eng.describe()}")
                 for f in frames:
                     measure(("stream+fp8" if fp8 else "stream") + suffix, f,
-                            dict(depth=eng.depth, ratio=round(eng.measured_ratio or 0, 3)))
+                            dict(depth=lambda: eng.depth, ratio=lambda: round(eng.measured_ratio or 0, 3)))
                     eng.release()
                 eng.remove()
                 torch.cuda.empty_cache()

@@ -54,9 +54,20 @@ def vramwise_writer(frames: object, fps: float, format_id: str, out_dir: str) ->
     return vv.save_video(frames, out_dir, "bench", format_id, fps).path
 
 
+def convert_only_writer(frames: object, fps: float, format_id: str, out_dir: str) -> str:
+    """Our float->uint8 chunking alone, no encoder: the part of the memory growth that is ours."""
+    from vramwise.video.frames import frame_order, iter_chunks
+
+    for _ in iter_chunks(frames, frame_order(int(frames.shape[0]), False), 8, frames.shape[1], frames.shape[2]):
+        pass
+    return ""
+
+
 register_writer("vramwise", vramwise_writer)
+register_writer("convert-only", convert_only_writer)
 register_case("vramwise", "video/h264-mp4")
 register_case("vramwise", "image/webp")
+register_case("convert-only", "uint8 chunks of 8")
 
 
 def make_frames(count: int, width: int, height: int):
@@ -116,10 +127,16 @@ def run_case(writer: str, format_id: str, width: int, height: int, out_dir: str)
     wall = time.perf_counter() - start
     growth = _peak_bytes() - baseline
     return {
-        "writer": writer, "format": format_id, "size": f"{width}x{height}", "frames": FRAMES, "wall_s": round(wall, 2),
-        "peak_rss_delta_mib": round(growth / 2**20, 1), "clip_mib": round(clip.numel() * 4 / 2**20, 1),
+        "writer": writer,
+        "format": format_id,
+        "size": f"{width}x{height}",
+        "frames": FRAMES,
+        "wall_s": round(wall, 2),
+        "peak_rss_delta_mib": round(growth / 2**20, 1),
+        "clip_mib": round(clip.numel() * 4 / 2**20, 1),
         "output_mib": round(os.path.getsize(path) / 2**20, 2) if os.path.isfile(path) else None,
-        "fps_encoded": round(FRAMES / wall, 1), "peak_exact": exact,
+        "fps_encoded": round(FRAMES / wall, 1),
+        "peak_exact": exact,
     }
 
 
@@ -155,14 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         for width, height in sizes:
             case_dir = os.path.join(out_root, f"{writer}-{format_id.replace('/', '_')}-{width}x{height}")
             os.makedirs(case_dir, exist_ok=True)
-            one = json.dumps({"writer": writer, "format_id": format_id, "width": width, "height": height, "out_dir": case_dir})
+            one = json.dumps(
+                {"writer": writer, "format_id": format_id, "width": width, "height": height, "out_dir": case_dir}
+            )
             cmd = [sys.executable, os.path.abspath(__file__), "--one", one]
             for plugin in args.plugin:
                 cmd += ["--plugin", plugin]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
-                result = {"writer": writer, "format": format_id, "size": f"{width}x{height}", "error": proc.stderr[-2000:]}
+                result = {
+                    "writer": writer,
+                    "format": format_id,
+                    "size": f"{width}x{height}",
+                    "error": proc.stderr[-2000:],
+                }
             else:
                 result = json.loads(line[len("RESULT ") :])
             print(json.dumps(result), flush=True)
@@ -179,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | error: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'} | | | | |")
             continue
         mark = "" if r["peak_exact"] else " (approx.)"
-        print(f"| {name} | {r['wall_s']} | {r['fps_encoded']} | {r['peak_rss_delta_mib']}{mark} | {r['clip_mib']} | {r['output_mib']} |")
+        print(
+            f"| {name} | {r['wall_s']} | {r['fps_encoded']} | {r['peak_rss_delta_mib']}{mark} | {r['clip_mib']} | {r['output_mib']} |"
+        )
     print(f"\noutputs: {out_root}")
     return 0
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from .comfy_bridge import ComfyExtension, io
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
+from .token_merge import VRAMWiseTokenMerge
 from .vae_decode import VRAMWiseVAEDecode
 
 NODES: list[type[io.ComfyNode]] = [
     VRAMWiseModelLoader,
     VRAMWiseSampler,
     VRAMWiseVAEDecode,
+    VRAMWiseTokenMerge,
 ]
 
 

@@ -49,7 +49,7 @@ WAN_HEADS, WAN_HEAD_DIM = 2, 12
 WAN_TEXT_DIM = 32  # UMT5 d_model; also the transformer's text_dim
 CLIP_IMAGE_SIZE, CLIP_PATCH = 32, 8
 WAN_CLIP_HIDDEN = 16
-# Wan2.1 FLF2V adds a learned position embedding over the image tokens of both frames.
+# CLIP tokens per image (patches + class token); FLF2V's learned image position embedding spans two images.
 WAN_CLIP_TOKENS = (CLIP_IMAGE_SIZE // CLIP_PATCH) ** 2 + 1
 
 # A small word list so ordinary prompts tokenize into word pieces rather than single characters;
@@ -434,7 +434,9 @@ def build_wan21_t2v(folder: Path) -> Path:
 
 EA_LATENT = 16  # as the real V5.1 Magvit VAE
 EA_TEXT_HIDDEN = 32
-EA_TEXT_HEADS = 2  # head_dim 16 -> mrope sections must sum to 8
+EA_TEXT_HEADS = 2
+# Qwen2-VL's multimodal RoPE splits head_dim/2 frequencies over (t, h, w); the sections must sum to it.
+EA_MROPE_SECTION = [2, 3, 3]
 
 
 def _easyanimate_vae(tag: str):
@@ -479,7 +481,8 @@ def _qwen2vl_encoder(tokenizer):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    head_dim = EA_TEXT_HIDDEN // EA_TEXT_HEADS
+    if sum(EA_MROPE_SECTION) != EA_TEXT_HIDDEN // EA_TEXT_HEADS // 2:
+        raise ValueError("mrope_section must sum to head_dim / 2")
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -489,8 +492,7 @@ def _qwen2vl_encoder(tokenizer):
             num_attention_heads=EA_TEXT_HEADS,
             num_key_value_heads=1,
             max_position_embeddings=1024,
-            # Multimodal RoPE splits head_dim/2 frequencies over (t, h, w); the sections must sum to it.
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+            rope_scaling={"type": "mrope", "mrope_section": list(EA_MROPE_SECTION), "rope_theta": 1000000.0},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -511,7 +513,6 @@ def _qwen2vl_encoder(tokenizer):
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    assert sum([2, 3, 3]) == head_dim // 2
     with _seeded("easyanimate-qwen2vl"):
         return Qwen2VLForConditionalGeneration(config).eval()
 
@@ -553,10 +554,22 @@ def build_easyanimate_v5_legacy_layout(folder: Path) -> Path:
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1
     ).save_config(folder / "scheduler")
     BertConfig(
-        vocab_size=512, hidden_size=bert_hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        architectures=["BertModel"],
+        vocab_size=512,
+        hidden_size=bert_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
     ).save_pretrained(folder / "text_encoder")
     T5Config(
-        vocab_size=512, d_model=t5_hidden, d_kv=8, d_ff=64, num_layers=2, num_heads=2, is_encoder_decoder=False
+        architectures=["T5EncoderModel"],
+        vocab_size=512,
+        d_model=t5_hidden,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        is_encoder_decoder=False,
     ).save_pretrained(folder / "text_encoder_2")
     for sub, cls in (("tokenizer", "BertTokenizer"), ("tokenizer_2", "T5Tokenizer")):
         (folder / sub).mkdir(exist_ok=True)

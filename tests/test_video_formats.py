@@ -39,8 +39,15 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 
 def test_registry_ids_are_stable_and_probed():
     assert list(vv.FORMATS) == [
-        "video/h264-mp4", "video/h265-mp4", "video/vp9-webm", "video/av1-webm", "video/av1-mp4",
-        "video/prores-mov", "image/gif", "image/webp", "image/png-frames",
+        "video/h264-mp4",
+        "video/h265-mp4",
+        "video/vp9-webm",
+        "video/av1-webm",
+        "video/av1-mp4",
+        "video/prores-mov",
+        "image/gif",
+        "image/webp",
+        "image/png-frames",
     ]
     assert set(AVAILABLE) <= set(vv.FORMATS)
     assert "image/png-frames" in AVAILABLE and "image/gif" in AVAILABLE  # FFmpeg always has these
@@ -92,7 +99,9 @@ def test_h264_default_crf_psnr_on_larger_clip(tmp_path):
     assert psnr(vv.read_frames(result.path), reference(clip)) >= 35
 
 
-@pytest.mark.parametrize("format_id", [f for f in ("video/h264-mp4", "video/h265-mp4", "video/prores-mov") if f in AVAILABLE])
+@pytest.mark.parametrize(
+    "format_id", [f for f in ("video/h264-mp4", "video/h265-mp4", "video/prores-mov") if f in AVAILABLE]
+)
 def test_ntsc_rate_is_exact(format_id, tmp_path):
     ext = vv.get_format(format_id).extension
     result = vv.encode_video(smooth_clip(5), tmp_path / f"a{ext}", format_id, 23.976)
@@ -119,7 +128,9 @@ def test_odd_size_padded_by_edge_replication(tmp_path):
 
 
 def test_444_keeps_odd_size(tmp_path):
-    result = vv.encode_video(smooth_clip(3, 49, 65), tmp_path / "a.mp4", VIDEO[0], 16, vv.EncodeOptions(pix_fmt="yuv444p"))
+    result = vv.encode_video(
+        smooth_clip(3, 49, 65), tmp_path / "a.mp4", VIDEO[0], 16, vv.EncodeOptions(pix_fmt="yuv444p")
+    )
     assert (result.width, result.height) == (65, 49)
     assert not any("padded" in note for note in result.notes)
 
@@ -153,7 +164,9 @@ def test_png_16_bit_is_exact(tmp_path):
 
 @pytest.mark.skipif("video/h264-mp4" not in AVAILABLE, reason="no H.264 encoder")
 def test_ten_bit_h264(tmp_path):
-    result = vv.encode_video(smooth_clip(5), tmp_path / "a.mp4", "video/h264-mp4", 16, vv.EncodeOptions(pix_fmt="yuv420p10le"))
+    result = vv.encode_video(
+        smooth_clip(5), tmp_path / "a.mp4", "video/h264-mp4", 16, vv.EncodeOptions(pix_fmt="yuv420p10le")
+    )
     import av
 
     with av.open(result.path) as container:
@@ -178,7 +191,9 @@ def test_prores_4444_profile(tmp_path):
     with av.open(result.path) as container:
         assert container.streams.video[0].codec_context.codec_tag == "ap4h"
     with pytest.raises(InputError, match="prores_profile"):
-        vv.encode_video(smooth_clip(2), tmp_path / "b.mov", "video/prores-mov", 16, vv.EncodeOptions(prores_profile="4444"))
+        vv.encode_video(
+            smooth_clip(2), tmp_path / "b.mov", "video/prores-mov", 16, vv.EncodeOptions(prores_profile="4444")
+        )
 
 
 def test_lossless_refused_where_the_encoder_has_none(tmp_path):

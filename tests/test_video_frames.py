@@ -16,9 +16,15 @@ from vramwise.video.frames import as_frames, convert, frame_order, iter_chunks, 
 @pytest.mark.parametrize(
     "given,expected",
     [
-        (16, Fraction(16)), (16.0, Fraction(16)), (12.5, Fraction(25, 2)), (23.976, Fraction(24000, 1001)),
-        (29.97, Fraction(30000, 1001)), (59.94, Fraction(60000, 1001)), ("24000/1001", Fraction(24000, 1001)),
-        (" 8 ", Fraction(8)), (Fraction(30000, 1001), Fraction(30000, 1001)),
+        (16, Fraction(16)),
+        (16.0, Fraction(16)),
+        (12.5, Fraction(25, 2)),
+        (23.976, Fraction(24000, 1001)),
+        (29.97, Fraction(30000, 1001)),
+        (59.94, Fraction(60000, 1001)),
+        ("24000/1001", Fraction(24000, 1001)),
+        (" 8 ", Fraction(8)),
+        (Fraction(30000, 1001), Fraction(30000, 1001)),
     ],
 )
 def test_to_fraction(given, expected):
@@ -50,7 +56,9 @@ def test_as_frames_shapes_without_copying():
 
 
 def test_convert_rounds_clamps_and_drops_alpha():
-    clip = torch.tensor([[[[0.0, 1.0, 0.5, 0.3], [float("nan"), 7.0, -2.0, 0.0], [1 / 255, 0.499 / 255, 0.501 / 255, 1]]]])
+    clip = torch.tensor(
+        [[[[0.0, 1.0, 0.5, 0.3], [float("nan"), 7.0, -2.0, 0.0], [1 / 255, 0.499 / 255, 0.501 / 255, 1]]]]
+    )
     out = convert(clip, [0], 1, 3)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 3, 3)
     assert out[0, 0].tolist() == [[0, 255, 128], [0, 255, 0], [1, 0, 1]]
@@ -77,7 +85,7 @@ def test_uint8_and_half_inputs():
 
 def test_iter_chunks_sizes_and_order():
     clip = torch.rand(5, 2, 2, 3)
-    chunks = list(iter_chunks(clip, frame_order(5, True), 3, 2, 2))
+    chunks = [c.copy() for c in iter_chunks(clip, frame_order(5, True), 3, 2, 2)]  # the buffer is reused
     assert [len(c) for c in chunks] == [3, 3, 2]
     # order 0 1 2 | 3 4 3 | 2 1
     assert np.array_equal(chunks[1][2], chunks[1][0]) and np.array_equal(chunks[2][1], chunks[0][1])
@@ -85,7 +93,13 @@ def test_iter_chunks_sizes_and_order():
 
 @pytest.mark.parametrize(
     "pix_fmt,size",
-    [("yuv420p", (50, 66)), ("yuv420p10le", (50, 66)), ("yuv422p10le", (49, 66)), ("yuv444p", (49, 65)), ("gbrp", (49, 65))],
+    [
+        ("yuv420p", (50, 66)),
+        ("yuv420p10le", (50, 66)),
+        ("yuv422p10le", (49, 66)),
+        ("yuv444p", (49, 65)),
+        ("gbrp", (49, 65)),
+    ],
 )
 def test_padding_follows_chroma_subsampling(pix_fmt, size):
     assert padded_size(49, 65, chroma_subsampling(pix_fmt)) == size

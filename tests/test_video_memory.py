@@ -20,7 +20,9 @@ import vramwise.video as vv
 from vramwise.video import frames as frames_module
 
 AVAILABLE = vv.available_formats()
-FORMATS = [f for f in ("video/h264-mp4", "video/vp9-webm", "image/gif", "image/webp", "image/png-frames") if f in AVAILABLE]
+FORMATS = [
+    f for f in ("video/h264-mp4", "video/vp9-webm", "image/gif", "image/webp", "image/png-frames") if f in AVAILABLE
+]
 
 
 def clip(count: int, size: int = 64) -> torch.Tensor:
@@ -56,8 +58,13 @@ def test_integer_buffers_stay_chunk_sized(format_id, tmp_path):
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        vv.encode_video(source, tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 8,
-                        vv.EncodeOptions(chunk_size=4, pingpong=True))
+        vv.encode_video(
+            source,
+            tmp_path / f"a{vv.get_format(format_id).extension}",
+            format_id,
+            8,
+            vv.EncodeOptions(chunk_size=4, pingpong=True),
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

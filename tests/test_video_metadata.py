@@ -14,7 +14,7 @@ import vramwise.video as vv
 from vramwise.video.metadata import read_gif_comments
 
 AVAILABLE = vv.available_formats()
-PROMPT = json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 42, "text": "a cat, \"quoted\""}}})
+PROMPT = json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 42, "text": 'a cat, "quoted"'}}})
 WORKFLOW = json.dumps({"nodes": [{"id": 1, "type": "VRAMWiseVideoWriter", "widgets": ["x" * 700]}], "links": []})
 META = {"prompt": PROMPT, "workflow": WORKFLOW}
 

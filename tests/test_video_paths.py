@@ -24,7 +24,14 @@ def test_extension_without_dot_and_folder_outputs(tmp_path):
 
 
 def test_counter_continues_after_highest_and_ignores_other_names(tmp_path):
-    for name in ("cat_00001.mp4", "cat_00007.webm", "cat_00003", "cat_extra_00009.mp4", "catalog_00020.mp4", "cat_12.mp4"):
+    for name in (
+        "cat_00001.mp4",
+        "cat_00007.webm",
+        "cat_00003",
+        "cat_extra_00009.mp4",
+        "catalog_00020.mp4",
+        "cat_12.mp4",
+    ):
         (tmp_path / name).write_bytes(b"")
     assert resolve_output_path(str(tmp_path), "cat", ".mp4")[2] == "cat_00008.mp4"
 
@@ -52,7 +59,20 @@ def test_publish_refuses_a_name_taken_meanwhile(tmp_path):
 
 @pytest.mark.parametrize(
     "prefix",
-    ["../evil", "a/../../evil", "a/..", "/etc/evil", "\\\\server\\share\\x", "C:\\evil", "C:evil", "", "  ", "dir/", "a\x00b", "a|b"],
+    [
+        "../evil",
+        "a/../../evil",
+        "a/..",
+        "/etc/evil",
+        "\\\\server\\share\\x",
+        "C:\\evil",
+        "C:evil",
+        "",
+        "  ",
+        "dir/",
+        "a\x00b",
+        "a|b",
+    ],
 )
 def test_bad_prefixes_refused(prefix, tmp_path):
     base = tmp_path / "out"

@@ -31,7 +31,9 @@ def leftovers(folder) -> list[str]:
     return sorted(os.listdir(folder))
 
 
-@pytest.mark.parametrize("format_id", [f for f in (H264, "image/gif", "image/webp", "image/png-frames") if f in AVAILABLE])
+@pytest.mark.parametrize(
+    "format_id", [f for f in (H264, "image/gif", "image/webp", "image/png-frames") if f in AVAILABLE]
+)
 def test_pingpong_frame_count(format_id, tmp_path):
     frames = clip(9)
     path = tmp_path / f"a{vv.get_format(format_id).extension}"
@@ -45,15 +47,27 @@ def test_pingpong_frame_count(format_id, tmp_path):
 
 def test_progress_reported_per_chunk(tmp_path):
     calls = []
-    vv.encode_video(clip(20), tmp_path / "seq", "image/png-frames", 8, vv.EncodeOptions(chunk_size=8),
-                    on_progress=lambda done, total: calls.append((done, total)))
+    vv.encode_video(
+        clip(20),
+        tmp_path / "seq",
+        "image/png-frames",
+        8,
+        vv.EncodeOptions(chunk_size=8),
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(8, 20), (16, 20), (20, 20)]
 
 
 def test_gif_progress_includes_palette_pass(tmp_path):
     calls = []
-    vv.encode_video(clip(5), tmp_path / "a.gif", "image/gif", 8, vv.EncodeOptions(chunk_size=4, pingpong=True),
-                    on_progress=lambda done, total: calls.append((done, total)))
+    vv.encode_video(
+        clip(5),
+        tmp_path / "a.gif",
+        "image/gif",
+        8,
+        vv.EncodeOptions(chunk_size=4, pingpong=True),
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (5 + 8, 5 + 8) and [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
@@ -66,8 +80,14 @@ def test_cancel_removes_partial_output(format_id, tmp_path):
         return len(checks) >= 3  # after the first chunk has been written
 
     with pytest.raises(vv.EncodeCancelled):
-        vv.encode_video(clip(40), tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 16,
-                        vv.EncodeOptions(chunk_size=8), should_cancel=should_cancel)
+        vv.encode_video(
+            clip(40),
+            tmp_path / f"a{vv.get_format(format_id).extension}",
+            format_id,
+            16,
+            vv.EncodeOptions(chunk_size=8),
+            should_cancel=should_cancel,
+        )
     assert leftovers(tmp_path) == []
 
 
@@ -106,10 +126,13 @@ def test_input_shapes(tmp_path):
         vv.encode_video(clip(2), tmp_path / "bad", "image/png-frames", 0)
 
 
-@pytest.mark.parametrize("format_id,plays,stored", [("image/gif", 0, 0), ("image/gif", 3, 2), ("image/webp", 0, 0), ("image/webp", 3, 3)])
+@pytest.mark.parametrize(
+    "format_id,plays,stored", [("image/gif", 0, 0), ("image/gif", 3, 2), ("image/webp", 0, 0), ("image/webp", 3, 3)]
+)
 def test_loop_count(format_id, plays, stored, tmp_path):
-    result = vv.encode_video(clip(4), tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 8,
-                             vv.EncodeOptions(loop_count=plays))
+    result = vv.encode_video(
+        clip(4), tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 8, vv.EncodeOptions(loop_count=plays)
+    )
     with Image.open(result.path) as im:
         assert im.info.get("loop") == stored
 
@@ -148,8 +171,14 @@ AUDIO_CASES = [
 
 @pytest.mark.parametrize("format_id,codec_choice,codec", [c for c in AUDIO_CASES if c[0] in AVAILABLE])
 def test_audio_muxed(format_id, codec_choice, codec, tmp_path):
-    result = vv.encode_video(clip(16), tmp_path / f"a{vv.get_format(format_id).extension}", format_id, 16,
-                             vv.EncodeOptions(audio_codec=codec_choice), audio=audio(1.0))
+    result = vv.encode_video(
+        clip(16),
+        tmp_path / f"a{vv.get_format(format_id).extension}",
+        format_id,
+        16,
+        vv.EncodeOptions(audio_codec=codec_choice),
+        audio=audio(1.0),
+    )
     assert result.has_audio and vv.probe(result.path).has_audio
     name, channels, seconds = audio_seconds(result.path)
     assert (name, channels) == (codec, 2)

@@ -47,7 +47,8 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
         ) from e
     notes = [f"{family.label} from '{options.folder.name}'"]
     if options.weight_dtype is WeightDtype.FP8_E4M3FN:
-        targets = [(getattr(pipe, n, None), DENOISER_FP8_SKIP) for n in family.denoiser_names]
+        denoiser_skip = DENOISER_FP8_SKIP + tuple(getattr(family, "fp8_skip_patterns", ()))
+        targets = [(getattr(pipe, n, None), denoiser_skip) for n in family.denoiser_names]
         targets += [(getattr(pipe, n, None), TEXT_ENCODER_FP8_SKIP) for n in family.text_encoder_names]
         notes += apply_fp8_storage(targets, options.weight_dtype.compute_dtype)
     keep_on_cpu = family.text_encoder_names if options.text_encoder_on_cpu else ()

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from ..errors import ModelFolderError
 from typing import Callable
 
+from ..errors import ModelFolderError
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 from .easyanimate import EASYANIMATE_FAMILIES, legacy_layout_reason
 from .i2vgenxl import I2VGENXL_FAMILIES

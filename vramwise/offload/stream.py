@@ -184,6 +184,7 @@ class StreamOffload:
         ffn_chunk_tokens: int | None = None,
         blocks: list[torch.nn.Module] | None = None,
         trace: bool = False,
+        compile_blocks: bool = False,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -211,6 +212,9 @@ class StreamOffload:
         self._ffn_originals: list[tuple[torch.nn.Module, bool]] = []
         if ffn_chunk_tokens:
             self._chunk_ffn(int(ffn_chunk_tokens))
+        self._compiled: list[torch.nn.Module] = []
+        if compile_blocks and self.sync.cuda:
+            self._compile_blocks()
         # run state
         self.active = False
         self._slots: list[torch.Tensor] = []
@@ -290,6 +294,15 @@ class StreamOffload:
 
             ffn.forward = chunked
 
+    def _compile_blocks(self) -> None:
+        """Regional compilation: each block's own forward, so the streaming hooks (module hooks, outside forward)
+        never enter the graph; blocks share one compiled graph per input shape."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for b in self.blocks:
+            if "forward" not in b.__dict__:
+                b.forward = torch.compile(b.forward, fullgraph=True, dynamic=False)
+                self._compiled.append(b)
+
     def _install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre))
         self._handles.append(self.model.register_forward_hook(self._model_post))
@@ -303,6 +316,9 @@ class StreamOffload:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for b in self._compiled:
+            b.__dict__.pop("forward", None)
+        self._compiled.clear()
         for ffn, had in self._ffn_originals:
             if not had and "forward" in ffn.__dict__:
                 del ffn.forward
@@ -624,6 +640,7 @@ class StreamSettings:
     pinned_cap_bytes: int | None = None
     ffn_chunk_tokens: int | None = 8192
     cfg_batching: bool = True
+    compile_blocks: bool = False
 
 
 SETTINGS = StreamSettings()
@@ -658,6 +675,7 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
         eng = StreamOffload(
             module, device, depth=SETTINGS.depth, max_depth=SETTINGS.max_depth, fp8_linear=SETTINGS.fp8_linear,
             pinned_cap_bytes=SETTINGS.pinned_cap_bytes, ffn_chunk_tokens=SETTINGS.ffn_chunk_tokens,
+            compile_blocks=SETTINGS.compile_blocks,
         )
         eng.on_activate = offload_others
         engines.append(eng)

@@ -41,7 +41,8 @@ def _video_settings(job: EncodeJob, width: int, height: int) -> tuple[dict[str, 
     lossless_ok = enc in ("libx264", "libx265", "libvpx-vp9", "libaom-av1")
     if opts.lossless and not lossless_ok:
         raise InputError(
-            "lossless", f"the {enc} encoder used for {spec.id} has no lossless mode.",
+            "lossless",
+            f"the {enc} encoder used for {spec.id} has no lossless mode.",
             "turn lossless off, or pick video/h264-mp4, video/h265-mp4, video/vp9-webm or image/png-frames.",
         )
     options: dict[str, str] = {}
@@ -96,14 +97,20 @@ class _AudioWriter:
     def __init__(self, container: Any, job: EncodeJob, frame_count: int) -> None:
         audio = job.audio
         if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-            raise InputError("audio", "expected an AUDIO dict with 'waveform' and 'sample_rate'.", "connect an AUDIO output.")
+            raise InputError(
+                "audio", "expected an AUDIO dict with 'waveform' and 'sample_rate'.", "connect an AUDIO output."
+            )
         wave = audio["waveform"]
         if isinstance(wave, np.ndarray):
             wave = torch.from_numpy(wave)
         while wave.dim() < 3:
             wave = wave.unsqueeze(0)
         if wave.dim() != 3 or wave.shape[-1] == 0:
-            raise InputError("audio", f"waveform shape {list(wave.shape)} is not [batch, channels, samples].", "connect an AUDIO output.")
+            raise InputError(
+                "audio",
+                f"waveform shape {list(wave.shape)} is not [batch, channels, samples].",
+                "connect an AUDIO output.",
+            )
         if wave.shape[0] > 1:
             job.notes.append(f"audio: used the first of {wave.shape[0]} waveforms in the batch.")
         wave = wave[0]
@@ -118,10 +125,14 @@ class _AudioWriter:
         if wanted:
             name = {"pcm": "pcm_s16le", "aac": "aac"}.get(wanted.lower(), wanted)
             if job.spec.id != "video/prores-mov" or name not in codecs:
-                raise InputError("audio_codec", f"'{wanted}' is not offered for {job.spec.id}.", "leave it empty for the default.")
+                raise InputError(
+                    "audio_codec", f"'{wanted}' is not offered for {job.spec.id}.", "leave it empty for the default."
+                )
             codecs = [name]
         if not codecs:
-            raise FormatUnavailableError(job.spec.id, f"no audio encoder among {', '.join(job.spec.audio_codecs)}", available_formats())
+            raise FormatUnavailableError(
+                job.spec.id, f"no audio encoder among {', '.join(job.spec.audio_codecs)}", available_formats()
+            )
         codec = av.codec.Codec(codecs[0], "w")
         rates = codec.audio_rates
         out_rate = self.rate if not rates or self.rate in rates else 48000

@@ -55,8 +55,10 @@ def write_gif(job: EncodeJob) -> tuple[int, int]:
     width, height = job.width, job.height
     if job.fps > 50:
         raise InputError(
-            "frame_rate", f"{float(job.fps):g} fps is too fast for GIF (delays are 1/100 s; browsers slow "
-            "anything under 2/100 s to 1/10 s).", "use 50 fps or less, or pick image/webp or a video format.",
+            "frame_rate",
+            f"{float(job.fps):g} fps is too fast for GIF (delays are 1/100 s; browsers slow "
+            "anything under 2/100 s to 1/10 s).",
+            "use 50 fps or less, or pick image/webp or a video format.",
         )
     if job.options.dither not in GIF_DITHERS:
         raise InputError("dither", f"'{job.options.dither}' is unknown.", f"use one of {', '.join(GIF_DITHERS)}.")
@@ -133,7 +135,9 @@ def write_webp(job: EncodeJob) -> tuple[int, int]:
     quality threshold into one longer frame; the timing is preserved, the decoded frame count can drop."""
     width, height = job.width, job.height
     if max(width, height) > 16383:
-        raise InputError("images", f"{width}x{height} exceeds WebP's 16383 pixel limit.", "downscale or pick a video format.")
+        raise InputError(
+            "images", f"{width}x{height} exceeds WebP's 16383 pixel limit.", "downscale or pick a video format."
+        )
     quality = 90 if job.options.quality is None else job.options.quality
     if not 0 <= quality <= 100:
         raise InputError("quality", f"{quality} is out of range.", "use 0..100.")

@@ -40,28 +40,74 @@ FORMATS: dict[str, FormatSpec] = {
     spec.id: spec
     for spec in (
         FormatSpec(
-            "video/h264-mp4", "H.264 MP4", ".mp4", "av", "mp4", ("libx264", "libopenh264"),
-            _YUV_8_10, crf_default=19, crf_max=51, audio_codecs=("aac",),
+            "video/h264-mp4",
+            "H.264 MP4",
+            ".mp4",
+            "av",
+            "mp4",
+            ("libx264", "libopenh264"),
+            _YUV_8_10,
+            crf_default=19,
+            crf_max=51,
+            audio_codecs=("aac",),
         ),
         FormatSpec(
-            "video/h265-mp4", "H.265 / HEVC MP4", ".mp4", "av", "mp4", ("libx265",),
-            _YUV_8_10 + ("gbrp",), crf_default=22, crf_max=51, audio_codecs=("aac",),
+            "video/h265-mp4",
+            "H.265 / HEVC MP4",
+            ".mp4",
+            "av",
+            "mp4",
+            ("libx265",),
+            _YUV_8_10 + ("gbrp",),
+            crf_default=22,
+            crf_max=51,
+            audio_codecs=("aac",),
         ),
         FormatSpec(
-            "video/vp9-webm", "VP9 WebM", ".webm", "av", "webm", ("libvpx-vp9",),
-            _YUV_8_10 + ("gbrp",), crf_default=32, crf_max=63, audio_codecs=("libopus", "opus"),
+            "video/vp9-webm",
+            "VP9 WebM",
+            ".webm",
+            "av",
+            "webm",
+            ("libvpx-vp9",),
+            _YUV_8_10 + ("gbrp",),
+            crf_default=32,
+            crf_max=63,
+            audio_codecs=("libopus", "opus"),
         ),
         FormatSpec(
-            "video/av1-webm", "AV1 WebM", ".webm", "av", "webm", ("libsvtav1", "libaom-av1", "librav1e"),
-            _YUV_8_10, crf_default=32, crf_max=63, audio_codecs=("libopus", "opus"),
+            "video/av1-webm",
+            "AV1 WebM",
+            ".webm",
+            "av",
+            "webm",
+            ("libsvtav1", "libaom-av1", "librav1e"),
+            _YUV_8_10,
+            crf_default=32,
+            crf_max=63,
+            audio_codecs=("libopus", "opus"),
         ),
         FormatSpec(
-            "video/av1-mp4", "AV1 MP4", ".mp4", "av", "mp4", ("libsvtav1", "libaom-av1", "librav1e"),
-            _YUV_8_10, crf_default=32, crf_max=63, audio_codecs=("aac",),
+            "video/av1-mp4",
+            "AV1 MP4",
+            ".mp4",
+            "av",
+            "mp4",
+            ("libsvtav1", "libaom-av1", "librav1e"),
+            _YUV_8_10,
+            crf_default=32,
+            crf_max=63,
+            audio_codecs=("aac",),
         ),
         FormatSpec(
-            "video/prores-mov", "Apple ProRes MOV", ".mov", "av", "mov", ("prores_ks", "prores_aw"),
-            ("yuv422p10le", "yuv444p10le"), audio_codecs=("aac", "pcm_s16le"),
+            "video/prores-mov",
+            "Apple ProRes MOV",
+            ".mov",
+            "av",
+            "mov",
+            ("prores_ks", "prores_aw"),
+            ("yuv422p10le", "yuv444p10le"),
+            audio_codecs=("aac", "pcm_s16le"),
         ),
         FormatSpec("image/gif", "Animated GIF", ".gif", "gif", "gif", ("gif",), filters=("palettegen", "paletteuse")),
         FormatSpec("image/webp", "Animated WebP", ".webp", "webp", "webp", ("libwebp_anim",)),
@@ -113,7 +159,9 @@ def require_encoder(spec: FormatSpec) -> str:
         if missing:
             needed = f"FFmpeg filter(s) {', '.join(missing)} missing from PyAV {av.__version__}"
         else:
-            needed = f"none of the encoders {', '.join(spec.encoders)} is in the FFmpeg bundled with PyAV {av.__version__}"
+            needed = (
+                f"none of the encoders {', '.join(spec.encoders)} is in the FFmpeg bundled with PyAV {av.__version__}"
+            )
         raise FormatUnavailableError(spec.id, needed, available_formats())
     return encoder
 

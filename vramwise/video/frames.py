@@ -26,7 +26,9 @@ def as_frames(images: Any) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not isinstance(images, torch.Tensor):
-        raise InputError("images", f"expected an IMAGE tensor, got {type(images).__name__}.", "connect an IMAGE output.")
+        raise InputError(
+            "images", f"expected an IMAGE tensor, got {type(images).__name__}.", "connect an IMAGE output."
+        )
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4 or images.shape[-1] not in (3, 4):
@@ -36,7 +38,9 @@ def as_frames(images: Any) -> torch.Tensor:
             "connect an IMAGE output (RGB or RGBA).",
         )
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise InputError("images", f"the clip is empty (shape {list(images.shape)}).", "connect a non-empty IMAGE batch.")
+        raise InputError(
+            "images", f"the clip is empty (shape {list(images.shape)}).", "connect a non-empty IMAGE batch."
+        )
     if not (images.is_floating_point() or images.dtype == torch.uint8):
         raise InputError("images", f"unsupported dtype {images.dtype}.", "pass float images in 0..1 (or uint8).")
     return images
@@ -73,30 +77,46 @@ def padded_size(height: int, width: int, factors: tuple[int, int]) -> tuple[int,
     return -(-height // fy) * fy, -(-width // fx) * fx
 
 
-def convert(frames: torch.Tensor, indices: Sequence[int], height: int, width: int, bits: int = 8) -> np.ndarray:
+def convert(
+    frames: torch.Tensor,
+    indices: Sequence[int],
+    height: int,
+    width: int,
+    bits: int = 8,
+    out: np.ndarray | None = None,
+    scratch: torch.Tensor | None = None,
+) -> np.ndarray:
     """[k, height, width, 3] uint8 (bits=8) or uint16 (bits=16) RGB for the given source frames.
 
-    Works one frame at a time through one reused float scratch frame, so the temporaries stay a single frame
-    whatever the chunk (and reusing it avoids page-faulting a fresh buffer for every arithmetic step). Frames
-    smaller than (height, width) are padded by repeating the last row/column: black or cropped borders would
-    show up as a line at the edge of the picture.
+    Works one frame at a time through one float scratch frame, so the temporaries stay a single frame whatever
+    the chunk. ``out``/``scratch`` let a caller reuse buffers across chunks (fresh large buffers cost a page
+    fault per 4 KiB on every use). Frames smaller than (height, width) are padded by repeating the last
+    row/column: black or cropped borders would show up as a line at the edge of the picture.
     """
     src_h, src_w = int(frames.shape[1]), int(frames.shape[2])
     top = 255 if bits == 8 else 65535
-    out = np.empty((len(indices), height, width, 3), dtype=np.uint8 if bits == 8 else np.uint16)
+    dtype = np.uint8 if bits == 8 else np.uint16
+    if out is None:
+        out = np.empty((len(indices), height, width, 3), dtype=dtype)
+    elif out.shape != (len(indices), height, width, 3) or out.dtype != dtype:
+        raise ValueError(
+            f"out must be {dtype.__name__} {(len(indices), height, width, 3)}, got {out.dtype} {out.shape}"
+        )
     out_t = torch.from_numpy(out)
     on_cpu = frames.device.type == "cpu"
-    scratch = None if frames.dtype == torch.uint8 else torch.empty((src_h, src_w, 3), device=frames.device)
+    if frames.dtype != torch.uint8 and scratch is None:
+        scratch = torch.empty((src_h, src_w, 3), device=frames.device)
+    half = torch.tensor(0.5)
     for j, i in enumerate(indices):
         frame = frames[i, :, :, :3]
         target = out_t[j, :src_h, :src_w]
-        if scratch is None:  # uint8 input
+        if frames.dtype == torch.uint8:
             target.copy_(frame if bits == 8 else frame.to(torch.int32) * 257)
         else:
-            scratch.copy_(frame)  # also widens float16/bfloat16
+            torch.add(half, frame, alpha=top, out=scratch)  # frame * top + 0.5 in one pass, widening halves
             # NaN from a broken VAE decode would otherwise become an arbitrary integer.
-            torch.nan_to_num_(scratch, nan=0.0).clamp_(0.0, 1.0).mul_(top).add_(0.5)  # + 0.5 then truncating copy = round half up
-            # On a GPU, cast there so only integers cross the bus.
+            torch.nan_to_num_(scratch, nan=0.0).clamp_(0.0, top)
+            # The truncating cast after + 0.5 rounds half up. On a GPU, cast there so only integers cross the bus.
             target.copy_(scratch if on_cpu else scratch.to(out_t.dtype))
         if width > src_w:
             out[j, :src_h, src_w:] = out[j, :src_h, src_w - 1 : src_w]
@@ -108,7 +128,17 @@ def convert(frames: torch.Tensor, indices: Sequence[int], height: int, width: in
 def iter_chunks(
     frames: torch.Tensor, order: Sequence[int], chunk_size: int, height: int, width: int, bits: int = 8
 ) -> Iterator[np.ndarray]:
-    """Converted frames in output order, ``chunk_size`` at a time."""
+    """Converted frames in output order, ``chunk_size`` at a time.
+
+    Every chunk is written into the same buffer, so a yielded array is only valid until the next one is
+    requested: encoders copy it into codec frames right away, and holding one chunk (not two) is the point.
+    """
     step = max(1, int(chunk_size))
+    dtype = np.uint8 if bits == 8 else np.uint16
+    buffer = np.empty((min(step, len(order)), height, width, 3), dtype=dtype)
+    scratch = None
+    if frames.dtype != torch.uint8:
+        scratch = torch.empty((int(frames.shape[1]), int(frames.shape[2]), 3), device=frames.device)
     for start in range(0, len(order), step):
-        yield convert(frames, order[start : start + step], height, width, bits)
+        indices = order[start : start + step]
+        yield convert(frames, indices, height, width, bits, out=buffer[: len(indices)], scratch=scratch)

@@ -9,13 +9,35 @@ from typing import Any
 from .encode_av import write_av
 from .encode_image import png_frame_name, write_gif, write_png_frames, write_webp
 from .errors import InputError
-from .formats import chroma_subsampling, get_format, require_encoder, resolve_pix_fmt
+from .formats import FormatSpec, chroma_subsampling, get_format, require_encoder, resolve_pix_fmt
 from .frames import as_frames, frame_order, padded_size, to_fraction
 from .job import CancelCheck, EncodeJob, EncodeOptions, EncodeResult, Progress, ProgressCallback
 from .metadata import normalize_metadata
 from .paths import publish, remove_quietly, resolve_output_path, temp_path_for
 
 _WRITERS = {"av": write_av, "gif": write_gif, "webp": write_webp, "png": write_png_frames}
+
+
+def _ignored_option_notes(spec: FormatSpec, opts: EncodeOptions, audio: Any) -> list[str]:
+    """Options the chosen format cannot use are ignored, not errors (the node shows all widgets for all
+    formats), but the user is told."""
+    notes = []
+    image = spec.writer in ("gif", "webp", "png")
+    if opts.pix_fmt and not spec.pix_fmts:
+        notes.append(f"pix_fmt ignored: {spec.id} picks its own pixel format.")
+    if opts.loop_count and spec.writer not in ("gif", "webp"):
+        notes.append(f"loop_count ignored: {spec.id} has no loop setting.")
+    if audio is not None and not spec.supports_audio:
+        notes.append(f"audio ignored: {spec.id} cannot carry audio.")
+    if opts.crf is not None and image:
+        notes.append(f"crf ignored: {spec.id} has no CRF" + (" (use quality)." if spec.writer == "webp" else "."))
+    if opts.quality is not None and spec.writer != "webp":
+        notes.append("quality ignored: it applies to image/webp" + (" (use crf)." if spec.crf_max else "."))
+    if opts.lossless and spec.writer in ("gif", "png"):
+        notes.append(
+            f"lossless ignored: {spec.id} " + ("is always lossless." if spec.writer == "png" else "has 256 colours.")
+        )
+    return notes
 
 
 def encode_video(
@@ -47,35 +69,42 @@ def encode_video(
     rate = to_fraction(fps)
     pix_fmt = resolve_pix_fmt(spec, encoder, opts.pix_fmt)
     meta = normalize_metadata(metadata)
-    notes: list[str] = []
-    if opts.pix_fmt and not spec.pix_fmts:
-        notes.append(f"pix_fmt ignored: {spec.id} picks its own pixel format.")
-    if opts.loop_count and spec.writer not in ("gif", "webp"):
-        notes.append(f"loop_count ignored: {spec.id} has no loop setting.")
+    notes = _ignored_option_notes(spec, opts, audio)
     if audio is not None and not spec.supports_audio:
-        notes.append(f"audio ignored: {spec.id} cannot carry audio.")
         audio = None
-    if spec.writer in ("gif", "webp", "png") and opts.crf is not None:
-        notes.append(f"crf ignored: {spec.id} has no CRF" + (" (use quality)." if spec.writer == "webp" else "."))
 
     src_h, src_w = int(frames.shape[1]), int(frames.shape[2])
     height, width = padded_size(src_h, src_w, chroma_subsampling(pix_fmt))
     if (height, width) != (src_h, src_w):
+        need = {(True, True): "even width and height", (True, False): "an even width", (False, True): "an even height"}
         notes.append(
             f"padded {src_w}x{src_h} to {width}x{height} by repeating the edge pixels: {pix_fmt} needs "
-            f"{'even width and height' if height != src_h and width != src_w else 'an even ' + ('width' if width != src_w else 'height')}."
+            f"{need[(width != src_w, height != src_h)]}."
         )
 
     final = os.path.abspath(os.fspath(output_path))
     if os.path.lexists(final) and not overwrite:
         raise FileExistsError(f"{final} already exists; not overwriting it (pass overwrite=True to replace it).")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     order = frame_order(int(frames.shape[0]), opts.pingpong)
     work = len(order) + (int(frames.shape[0]) if spec.writer == "gif" else 0)
     progress = Progress(work, on_progress, should_cancel)
     temp = temp_path_for(final)
     job = EncodeJob(
-        spec=spec, encoder=encoder, frames=frames, order=order, fps=rate, out_path=temp, options=opts,
-        pix_fmt=pix_fmt, width=width, height=height, metadata=meta, audio=audio, progress=progress, notes=notes,
+        spec=spec,
+        encoder=encoder,
+        frames=frames,
+        order=order,
+        fps=rate,
+        out_path=temp,
+        options=opts,
+        pix_fmt=pix_fmt,
+        width=width,
+        height=height,
+        metadata=meta,
+        audio=audio,
+        progress=progress,
+        notes=notes,
     )
     try:
         progress.check()
@@ -86,9 +115,18 @@ def encode_video(
         raise
     preview = os.path.join(final, png_frame_name(0, len(order))) if spec.writer == "png" else final
     return EncodeResult(
-        path=final, format=spec.id, frame_count=len(order), fps=rate, width=width, height=height, notes=notes,
-        encoder=encoder, pix_fmt=pix_fmt or ("pal8" if spec.writer == "gif" else "bgra"), has_audio=job.has_audio,
-        preview_path=preview, filename=os.path.basename(final),
+        path=final,
+        format=spec.id,
+        frame_count=len(order),
+        fps=rate,
+        width=width,
+        height=height,
+        notes=notes,
+        encoder=encoder,
+        pix_fmt=pix_fmt or ("pal8" if spec.writer == "gif" else "bgra"),
+        has_audio=job.has_audio,
+        preview_path=preview,
+        filename=os.path.basename(final),
     )
 
 

@@ -1,0 +1,64 @@
+"""Family detection and model folder discovery, without a server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramwise.errors import ModelFolderError
+from vramwise.families import detect_family
+from vramwise.model_folders import list_model_folders, resolve_model_folder
+
+
+@pytest.mark.parametrize(
+    "folder,family_id",
+    [
+        ("tiny-wan21-i2v", "wan2.1-i2v"),
+        ("tiny-wan21-flf2v", "wan2.1-flf2v"),
+        ("tiny-wan22-i2v-a14b", "wan2.2-i2v-a14b"),
+        ("tiny-wan22-ti2v-5b", "wan2.2-ti2v-5b"),
+    ],
+)
+def test_wan_variants_are_told_apart_by_their_configs(tiny_models_root, folder, family_id):
+    assert detect_family(tiny_models_root / folder).id == family_id
+
+
+def test_text_to_video_folder_is_refused_with_what_was_found(tiny_models_root):
+    with pytest.raises(ModelFolderError, match="WanPipeline.*text-to-video"):
+        detect_family(tiny_models_root / "tiny-wan21-t2v")
+
+
+def test_unknown_pipeline_lists_its_components_and_the_supported_families(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FancyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ModelFolderError) as err:
+        detect_family(tmp_path)
+    assert "FancyPipeline" in str(err.value) and "unet" in str(err.value) and "Wan2.1 I2V" in str(err.value)
+
+
+def test_folder_without_model_index_says_what_a_diffusers_folder_is(tmp_path):
+    with pytest.raises(ModelFolderError, match="model_index.json"):
+        detect_family(tmp_path)
+
+
+def test_corrupt_model_index_is_called_corrupt(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match="corrupt"):
+        detect_family(tmp_path)
+
+
+def test_model_folders_are_found_in_subfolders_and_through_links(tmp_path, tiny_models_root):
+    root = tmp_path / "diffusers"
+    (root / "wan" / "nested").mkdir(parents=True)
+    (root / "wan" / "nested" / "model_index.json").write_text("{}")
+    (root / "linked").symlink_to(tiny_models_root / "tiny-wan21-i2v", target_is_directory=True)
+    (root / "empty").mkdir()
+    found = list_model_folders([root, tmp_path / "missing"])
+    assert found == ["linked", "wan/nested"]
+    assert resolve_model_folder("linked", [root]) == root / "linked"
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc", "wan/../../x"])
+def test_model_names_that_escape_the_models_folder_are_refused(tmp_path, name):
+    with pytest.raises(ModelFolderError):
+        resolve_model_folder(name, [tmp_path])

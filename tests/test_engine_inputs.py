@@ -1,0 +1,84 @@
+"""Input rules and image fitting, without a server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vramwise.errors import InputError
+from vramwise.families.wan import Wan21I2V, Wan22I2VA14B, Wan22TI2V5B
+from vramwise.image_prep import ResizeMode, first_frame, fit_image
+from vramwise.validation import validate_generation
+
+GOOD = dict(width=832, height=480, num_frames=81, steps=30, cfg=5.0)
+
+
+def test_valid_request_passes():
+    validate_generation(Wan21I2V(), **GOOD)
+
+
+@pytest.mark.parametrize(
+    "change,input_name,fix",
+    [
+        ({"num_frames": 80}, "num_frames", "use 77 or 81"),
+        ({"num_frames": 2}, "num_frames", "use 1 or 5"),
+        ({"width": 840}, "width", "use 832 or 848"),
+        ({"height": 8}, "height", "use 16 or 32"),
+        ({"steps": 0}, "steps", "set steps to 1 or more"),
+        ({"cfg": -1.0}, "cfg", "1.0 to disable"),
+    ],
+)
+def test_bad_values_name_the_input_and_the_nearest_valid_values(change, input_name, fix):
+    with pytest.raises(InputError) as err:
+        validate_generation(Wan21I2V(), **{**GOOD, **change})
+    assert err.value.input_name == input_name
+    assert fix in str(err.value)
+
+
+def test_ti2v_needs_multiples_of_32():
+    with pytest.raises(InputError, match="multiple of 32"):
+        validate_generation(Wan22TI2V5B(), **{**GOOD, "width": 848})
+    validate_generation(Wan22TI2V5B(), **{**GOOD, "width": 1280, "height": 704})
+
+
+def test_end_image_only_for_first_last_frame_models():
+    with pytest.raises(InputError, match="end_image"):
+        validate_generation(Wan21I2V(), **GOOD, has_end_image=True)
+    validate_generation(Wan22I2VA14B(), **GOOD, has_end_image=True)
+
+
+def test_first_frame_of_a_batch_is_used_and_said():
+    batch = torch.stack([torch.zeros(8, 8, 3), torch.ones(8, 8, 3)])
+    frame, note = first_frame(batch)
+    assert torch.equal(frame, torch.zeros(8, 8, 3))
+    assert "batch of 2" in note
+
+
+def test_missing_or_malformed_image_is_an_input_error():
+    with pytest.raises(InputError, match="image: no image is connected"):
+        first_frame(None)
+    with pytest.raises(InputError, match="IMAGE tensor"):
+        first_frame(torch.zeros(2, 3))
+
+
+def test_alpha_is_dropped_and_grey_is_expanded():
+    frame, _ = first_frame(torch.rand(1, 4, 4, 4))
+    assert frame.shape == (4, 4, 3)
+    frame, _ = first_frame(torch.rand(1, 4, 4, 1))
+    assert frame.shape == (4, 4, 3)
+
+
+def test_crop_fills_the_frame_and_keeps_the_centre():
+    img = torch.zeros(100, 200, 3)
+    img[:, 50:150] = 1.0  # white centre band, black sides
+    out = fit_image(img, 64, 64, ResizeMode.CROP)
+    assert out.size == (64, 64)
+    assert min(out.getpixel((0, 32))) > 200 and min(out.getpixel((63, 32))) > 200
+
+
+def test_pad_keeps_the_whole_image_with_black_bars():
+    img = torch.ones(100, 200, 3)
+    out = fit_image(img, 64, 64, ResizeMode.PAD)
+    assert out.size == (64, 64)
+    assert out.getpixel((32, 2)) == (0, 0, 0)  # bar above
+    assert min(out.getpixel((32, 32))) > 250  # image in the middle
