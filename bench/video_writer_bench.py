@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for plugin in args.plugin:
                 cmd += ["--plugin", plugin]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 result = {
                     "writer": writer,
@@ -203,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | error: {r['error'].strip().splitlines()[-1] if r['error'].strip() else '?'} | | | | |")
             continue
         mark = "" if r["peak_exact"] else " (approx.)"
-        print(
-            f"| {name} | {r['wall_s']} | {r['fps_encoded']} | {r['peak_rss_delta_mib']}{mark} | {r['clip_mib']} | {r['output_mib']} |"
-        )
+        cells = [r["wall_s"], r["fps_encoded"], f"{r['peak_rss_delta_mib']}{mark}", r["clip_mib"], r["output_mib"]]
+        print(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
     print(f"\noutputs: {out_root}")
     return 0
 

@@ -107,7 +107,7 @@ def test_exception_from_progress_callback_propagates_and_cleans(tmp_path):
 @needs_h264
 def test_encoder_error_cleans_up(tmp_path):
     options = vv.EncodeOptions(encoder_options={"preset": "no-such-preset"})
-    with pytest.raises(Exception):
+    with pytest.raises(av.error.FFmpegError):
         vv.encode_video(clip(4), tmp_path / "a.mp4", H264, 16, options)
     assert leftovers(tmp_path) == []
 

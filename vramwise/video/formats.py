@@ -8,7 +8,7 @@ store them in widget values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import av
 
@@ -36,90 +36,59 @@ class FormatSpec:
 
 _YUV_8_10 = ("yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv422p10le", "yuv444p10le")
 
-FORMATS: dict[str, FormatSpec] = {
-    spec.id: spec
-    for spec in (
-        FormatSpec(
-            "video/h264-mp4",
-            "H.264 MP4",
-            ".mp4",
-            "av",
-            "mp4",
-            ("libx264", "libopenh264"),
-            _YUV_8_10,
-            crf_default=19,
-            crf_max=51,
-            audio_codecs=("aac",),
-        ),
-        FormatSpec(
-            "video/h265-mp4",
-            "H.265 / HEVC MP4",
-            ".mp4",
-            "av",
-            "mp4",
-            ("libx265",),
-            _YUV_8_10 + ("gbrp",),
-            crf_default=22,
-            crf_max=51,
-            audio_codecs=("aac",),
-        ),
-        FormatSpec(
-            "video/vp9-webm",
-            "VP9 WebM",
-            ".webm",
-            "av",
-            "webm",
-            ("libvpx-vp9",),
-            _YUV_8_10 + ("gbrp",),
-            crf_default=32,
-            crf_max=63,
-            audio_codecs=("libopus", "opus"),
-        ),
-        FormatSpec(
-            "video/av1-webm",
-            "AV1 WebM",
-            ".webm",
-            "av",
-            "webm",
-            ("libsvtav1", "libaom-av1", "librav1e"),
-            _YUV_8_10,
-            crf_default=32,
-            crf_max=63,
-            audio_codecs=("libopus", "opus"),
-        ),
-        FormatSpec(
-            "video/av1-mp4",
-            "AV1 MP4",
-            ".mp4",
-            "av",
-            "mp4",
-            ("libsvtav1", "libaom-av1", "librav1e"),
-            _YUV_8_10,
-            crf_default=32,
-            crf_max=63,
-            audio_codecs=("aac",),
-        ),
-        FormatSpec(
-            "video/prores-mov",
-            "Apple ProRes MOV",
-            ".mov",
-            "av",
-            "mov",
-            ("prores_ks", "prores_aw"),
-            ("yuv422p10le", "yuv444p10le"),
-            audio_codecs=("aac", "pcm_s16le"),
-        ),
-        FormatSpec("image/gif", "Animated GIF", ".gif", "gif", "gif", ("gif",), filters=("palettegen", "paletteuse")),
-        FormatSpec("image/webp", "Animated WebP", ".webp", "webp", "webp", ("libwebp_anim",)),
-        FormatSpec("image/png-frames", "PNG sequence (folder)", "", "png", "", ("png",), ("rgb24", "rgb48")),
-    )
-}
+# fmt: off
+_SPECS = (
+    FormatSpec(
+        id="video/h264-mp4", label="H.264 MP4", extension=".mp4", writer="av", container="mp4",
+        encoders=("libx264", "libopenh264"), pix_fmts=_YUV_8_10, crf_default=19, crf_max=51,
+        audio_codecs=("aac",),
+    ),
+    FormatSpec(
+        id="video/h265-mp4", label="H.265 / HEVC MP4", extension=".mp4", writer="av", container="mp4",
+        encoders=("libx265",), pix_fmts=_YUV_8_10 + ("gbrp",), crf_default=22, crf_max=51,
+        audio_codecs=("aac",),
+    ),
+    FormatSpec(
+        id="video/vp9-webm", label="VP9 WebM", extension=".webm", writer="av", container="webm",
+        encoders=("libvpx-vp9",), pix_fmts=_YUV_8_10 + ("gbrp",), crf_default=32, crf_max=63,
+        audio_codecs=("libopus", "opus"),
+    ),
+    FormatSpec(
+        id="video/av1-webm", label="AV1 WebM", extension=".webm", writer="av", container="webm",
+        encoders=("libsvtav1", "libaom-av1", "librav1e"), pix_fmts=_YUV_8_10, crf_default=32, crf_max=63,
+        audio_codecs=("libopus", "opus"),
+    ),
+    FormatSpec(
+        id="video/av1-mp4", label="AV1 MP4", extension=".mp4", writer="av", container="mp4",
+        encoders=("libsvtav1", "libaom-av1", "librav1e"), pix_fmts=_YUV_8_10, crf_default=32, crf_max=63,
+        audio_codecs=("aac",),
+    ),
+    FormatSpec(
+        id="video/prores-mov", label="Apple ProRes MOV", extension=".mov", writer="av", container="mov",
+        encoders=("prores_ks", "prores_aw"), pix_fmts=("yuv422p10le", "yuv444p10le"),
+        audio_codecs=("aac", "pcm_s16le"),
+    ),
+    FormatSpec(
+        id="image/gif", label="Animated GIF", extension=".gif", writer="gif", container="gif",
+        encoders=("gif",), filters=("palettegen", "paletteuse"),
+    ),
+    FormatSpec(
+        id="image/webp", label="Animated WebP", extension=".webp", writer="webp", container="webp",
+        encoders=("libwebp_anim",),
+    ),
+    FormatSpec(
+        id="image/png-frames", label="PNG sequence (folder)", extension="", writer="png", container="",
+        encoders=("png",), pix_fmts=("rgb24", "rgb48"),
+    ),
+)
+# fmt: on
+FORMATS: dict[str, FormatSpec] = {spec.id: spec for spec in _SPECS}
 
 # Pixel formats that are ours, not FFmpeg's, mapped to what the encoder is given.
 _ALIASES = {"rgb48": "rgb48be"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def has_encoder(name: str) -> bool:
     try:
         av.codec.Codec(name, "w")
@@ -128,7 +97,7 @@ def has_encoder(name: str) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def has_filter(name: str) -> bool:
     return name in av.filter.filters_available
 
