@@ -7,12 +7,14 @@ from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
 from .token_merge import VRAMWiseTokenMerge
 from .vae_decode import VRAMWiseVAEDecode
+from .video_writer import VRAMWiseVideoWriter
 
 NODES: list[type[io.ComfyNode]] = [
     VRAMWiseModelLoader,
     VRAMWiseSampler,
     VRAMWiseVAEDecode,
     VRAMWiseTokenMerge,
+    VRAMWiseVideoWriter,
 ]
 
 

@@ -103,18 +103,15 @@ def build(nodes: list[Node], object_info: dict[str, Any], note: str = "") -> dic
     return workflow
 
 
-def writer_node(node_id: int, images_from: int, fps_from: int, prefix: str, object_info: dict[str, Any], pos: tuple[int, int]) -> Node:
-    """The pack's own video writer when it is registered, else core SaveAnimatedWEBP."""
-    if "VRAMWiseVideoWriter" in object_info:
-        return Node(node_id, "VRAMWiseVideoWriter", {"filename_prefix": prefix},
-                    {"images": (images_from, 0), "fps": (fps_from, 1)}, pos=pos, size=(360, 420))
-    return Node(node_id, "SaveAnimatedWEBP", {"filename_prefix": prefix, "fps": 16.0, "lossless": False, "quality": 90},
-                {"images": (images_from, 0)}, pos=pos, size=(360, 420))
+def writer_node(node_id: int, images_from: int, prefix: str, pos: tuple[int, int], fps: float = 16.0) -> Node:
+    """The pack's video writer, H.264 MP4 (the format that plays everywhere)."""
+    return Node(node_id, "VRAMWiseVideoWriter", {"filename_prefix": prefix, "fps": fps, "format": "video/h264-mp4"},
+                {"images": (images_from, 0)}, pos=pos, size=(360, 520))
 
 
 def i2v_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any], prefix: str,
               loader: dict[str, Any] | None = None, end_image: bool = False, extra: list[Node] | None = None,
-              model_from: int = 2) -> list[Node]:
+              model_from: int = 2, fps: float = 16.0) -> list[Node]:
     nodes = [
         Node(1, "LoadImage", {"image": START_IMAGE}, pos=(0, 260), size=(300, 340), title="Start frame"),
         Node(2, "VRAMWiseModelLoader", {"model": model, **(loader or {})}, pos=(0, 0), size=(380, 180)),
@@ -125,7 +122,7 @@ def i2v_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any
     if end_image:
         nodes.append(Node(6, "LoadImage", {"image": END_IMAGE}, pos=(0, 640), size=(300, 340), title="End frame"))
     nodes += extra or []
-    nodes.append(writer_node(5, 4, 4, prefix, object_info, pos=(1220, 0)))
+    nodes.append(writer_node(5, 4, prefix, pos=(1220, 0), fps=fps))
     return nodes
 
 

@@ -37,7 +37,7 @@ def i2v_prompt(
     save: str = "webp",
     prefix: str | None = None,
 ) -> dict[str, Any]:
-    """Image -> loader -> sampler -> decode -> saver. ``save``: "webp" (core SaveAnimatedWEBP) or "none"."""
+    """Image -> loader -> sampler -> decode -> saver: "webp" (core SaveAnimatedWEBP), "mp4" (our writer), "preview", "none"."""
     prefix = prefix or f"vramwise_test_{next(_counter)}"
     prompt_graph: dict[str, Any] = {
         "1": {"class_type": "LoadImage", "inputs": {"image": START_IMAGE}},
@@ -66,6 +66,8 @@ def i2v_prompt(
             "class_type": "SaveAnimatedWEBP",
             "inputs": {"images": ["4", 0], "filename_prefix": prefix, "fps": 16.0, "lossless": True, "quality": 100, "method": "default"},
         }
+    elif save in ("mp4", "writer"):
+        prompt_graph["5"] = {"class_type": "VRAMWiseVideoWriter", "inputs": writer_inputs(["4", 0], prefix)}
     elif save == "preview":
         prompt_graph["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}
     return prompt_graph
@@ -75,3 +77,13 @@ def saved_files(entry: dict[str, Any], node_id: str = "5") -> list[dict[str, Any
     """The files an output node reported in its history ``ui`` output."""
     outputs = entry.get("outputs", {}).get(node_id, {})
     return list(outputs.get("images", []) or outputs.get("videos", []) or outputs.get("gifs", []))
+
+
+def writer_inputs(images: list, prefix: str, **overrides: Any) -> dict[str, Any]:
+    inputs = {
+        "images": images, "fps": 16.0, "format": "video/h264-mp4", "filename_prefix": prefix, "save_output": True,
+        "crf": -1, "quality": 90, "lossless": False, "pix_fmt": "yuv420p", "loop_count": 0, "pingpong": False,
+        "dither": "sierra2_4a",
+    }
+    inputs.update(overrides)
+    return inputs

@@ -202,3 +202,15 @@ def test_lossless_refused_where_the_encoder_has_none(tmp_path):
     with pytest.raises(InputError, match="lossless"):
         vv.encode_video(smooth_clip(2), tmp_path / "a.mov", "video/prores-mov", 16, vv.EncodeOptions(lossless=True))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_package_does_not_import_comfyui():
+    import os
+    import subprocess
+    import sys
+
+    roots = "('comfy', 'comfy_api', 'folder_paths', 'nodes')"
+    code = f"import sys, vramwise.video; print(sorted(m for m in sys.modules if m.split('.')[0] in {roots}))"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stdout
+    assert out.strip() == "[]"

@@ -211,3 +211,9 @@ def test_save_video_result_fields(tmp_path):
     assert result.preview_path == os.path.join(result.path, "frame_00001.png")
     assert os.path.isfile(result.preview_path)
     assert (result.width, result.height, result.frame_count, result.fps) == (64, 48, 3, 12)
+
+
+def test_auto_means_the_format_default(tmp_path):
+    options = vv.EncodeOptions(pix_fmt="auto", prores_profile="auto", audio_codec="auto")
+    result = vv.encode_video(clip(2), tmp_path / "seq", "image/png-frames", 8, options)
+    assert result.pix_fmt == "rgb24" and result.notes == []

@@ -12,12 +12,12 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .device import allocated_bytes, release_memory
-from .errors import ModelFolderError
+from .errors import ModelFolderError, VramwiseError
 from .families import detect_family
 from .handles import LoadedPipeline
 from .offload import OffloadMode, apply_offload
@@ -32,13 +32,23 @@ class LoadOptions:
     offload_mode: OffloadMode
     weight_dtype: WeightDtype
     text_encoder_on_cpu: bool = False
+    # Optional non-folder source (e.g. single_file.SingleFileSpec): ``family()`` and
+    # ``load(torch_dtype, keep_fp8=...)``; ``folder`` then names its main file in notes and errors.
+    source: Any = None
 
 
 def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     """Detect the family, load the weights (safetensors only), apply precision and offload placement."""
-    family = detect_family(options.folder)
+    source = options.source
+    family = source.family() if source is not None else detect_family(options.folder)
     try:
-        pipe = family.load(options.folder, options.weight_dtype.compute_dtype)
+        if source is not None:
+            keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN
+            pipe = source.load(options.weight_dtype.compute_dtype, keep_fp8=keep_fp8)
+        else:
+            pipe = family.load(options.folder, options.weight_dtype.compute_dtype)
+    except VramwiseError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         raise ModelFolderError(
             f"Could not load '{options.folder.name}' as {family.label}: {type(e).__name__}: {e}. "

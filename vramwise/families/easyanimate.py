@@ -14,8 +14,9 @@ own default, and the scheduler config in the folder is what runs unless the samp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +66,23 @@ def legacy_layout_reason(index: ModelIndex) -> str | None:
         f"{PIPELINE} cannot load. Supported: the EasyAnimate V5.1 InP diffusers layout (one Qwen2-VL text encoder, "
         "e.g. 'alibaba-pai/EasyAnimateV5.1-7b-zh-InP-diffusers' or '...-12b-zh-InP-diffusers')"
     )
+
+
+@contextmanager
+def untiled_encode(vae: Any) -> Iterator[None]:
+    """Switch VAE tiling off while sampling encodes the conditioning, then restore it.
+
+    Tiling is state on the shared VAE, left on by a tiled decode. Magvit's tiled *encode* (diffusers 0.42.1) puts
+    every tile into the result uncropped, so conditioning latents come out shifted by the tile overlap whenever
+    the frame is larger than a tile. Untiled encoding also makes a seed's result independent of how the previous
+    clip was decoded.
+    """
+    was = bool(getattr(vae, "use_tiling", False))
+    vae.use_tiling = False
+    try:
+        yield
+    finally:
+        vae.use_tiling = was
 
 
 def inpaint_video(
@@ -240,7 +258,8 @@ class EasyAnimateV51InP(Family):
         if do_cfg:
             kwargs["negative_prompt_embeds"] = embeds[1:]
             kwargs["negative_prompt_attention_mask"] = masks[1:]
-        return pipe(**kwargs).frames
+        with untiled_encode(pipe.vae):
+            return pipe(**kwargs).frames
 
     def vae_tiling(self, loaded: "LoadedPipeline", enabled: bool, tile: int, overlap: int) -> None:
         """Magvit tiles in pixels like Wan, but its tiled decode only lines up when tile and stride are multiples

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
+from .easyanimate import untiled_encode
 
 if TYPE_CHECKING:
     from ..handles import LoadedPipeline, RunInfo
@@ -126,7 +127,10 @@ class I2VGenXL(Family):
         )
         if do_cfg:
             kwargs["negative_prompt_embeds"] = embeds[1:]
-        return pipe(**kwargs).frames
+        # The start image is VAE-encoded during the call: untiled, so the result does not depend on how the
+        # previous clip was decoded.
+        with untiled_encode(pipe.vae):
+            return pipe(**kwargs).frames
 
     def vae_tiling(self, loaded: "LoadedPipeline", enabled: bool, tile: int, overlap: int) -> None:
         """AutoencoderKL.enable_tiling() takes no sizes: set its tile attributes directly.

@@ -119,6 +119,10 @@ class _AudioWriter:
             job.notes.append(f"audio: {channels} channels have no standard layout; kept the first two.")
             wave, channels = wave[:2], 2
         self.wave, self.in_layout, self.rate = wave, _LAYOUTS[channels], int(audio["sample_rate"])
+        if self.rate <= 0:
+            raise InputError(
+                "audio", f"sample_rate {audio['sample_rate']} is not positive.", "connect an AUDIO output."
+            )
 
         codecs = [c for c in job.spec.audio_codecs if has_encoder(c)]
         wanted = job.options.audio_codec

@@ -53,7 +53,7 @@ def to_fraction(fps: float | int | str | Fraction) -> Fraction:
         value = float(rate if rate is not None else fps)
     except (ValueError, ZeroDivisionError, TypeError):
         raise InputError("frame_rate", f"'{fps}' is not a number.", "enter a frame rate such as 16 or 24.") from None
-    if not math.isfinite(value) or value <= 0 or value > 1000:
+    if not math.isfinite(value) or not 0.01 <= value <= 1000:
         raise InputError("frame_rate", f"{fps} is out of range.", "use a frame rate between 0.01 and 1000.")
     if rate is not None and rate.denominator <= 1001:
         return rate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -18,9 +19,19 @@ from .paths import publish, remove_quietly, resolve_output_path, temp_path_for
 _WRITERS = {"av": write_av, "gif": write_gif, "webp": write_webp, "png": write_png_frames}
 
 
+_AUTO = ("", "auto", "default")
+
+
+def _without_auto(opts: EncodeOptions) -> EncodeOptions:
+    """Combo widgets need a value meaning "the format's default": "auto"/"default"/"" become None."""
+    fields = ("pix_fmt", "prores_profile", "audio_codec")
+    auto = {f: None for f in fields if isinstance(getattr(opts, f), str) and getattr(opts, f).lower() in _AUTO}
+    return replace(opts, **auto) if auto else opts
+
+
 def _ignored_option_notes(spec: FormatSpec, opts: EncodeOptions, audio: Any) -> list[str]:
     """Options the chosen format cannot use are ignored, not errors (the node shows all widgets for all
-    formats), but the user is told."""
+    formats), but the user is told. ``quality`` is left out: nodes always send their WebP quality widget."""
     notes = []
     image = spec.writer in ("gif", "webp", "png")
     if opts.pix_fmt and not spec.pix_fmts:
@@ -31,8 +42,6 @@ def _ignored_option_notes(spec: FormatSpec, opts: EncodeOptions, audio: Any) -> 
         notes.append(f"audio ignored: {spec.id} cannot carry audio.")
     if opts.crf is not None and image:
         notes.append(f"crf ignored: {spec.id} has no CRF" + (" (use quality)." if spec.writer == "webp" else "."))
-    if opts.quality is not None and spec.writer != "webp":
-        notes.append("quality ignored: it applies to image/webp" + (" (use crf)." if spec.crf_max else "."))
     if opts.lossless and spec.writer in ("gif", "png"):
         notes.append(
             f"lossless ignored: {spec.id} " + ("is always lossless." if spec.writer == "png" else "has 256 colours.")
@@ -62,7 +71,7 @@ def encode_video(
     """
     spec = get_format(format_id)
     encoder = require_encoder(spec)
-    opts = options or EncodeOptions()
+    opts = _without_auto(options or EncodeOptions())
     if opts.chunk_size < 1:
         raise InputError("chunk_size", f"{opts.chunk_size} is below 1.", "use 8 or 16.")
     frames = as_frames(images)

@@ -1,0 +1,68 @@
+"""Original (ComfyUI / Wan repo) tensor names <-> diffusers module names.
+
+Forward: diffusers' own ``convert_wan_transformer_to_diffusers`` is *called* on a {name: name} dict, so only
+names move (no tensor is touched or copied), plus the FLF2V position embedding that converter leaves out.
+Inverse: written here for tools and tests (the tiny diffusers models -> Comfy-layout files).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ModelFolderError
+
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Renames the diffusers converter does not do (as of 0.42.1).
+_EXTRA_FORWARD = {"img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed"}
+
+
+def transformer_name_map(original_names: list[str]) -> dict[str, str]:
+    """{diffusers name: original name} for a Wan transformer file's tensor names (prefix optional)."""
+    try:
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    except ImportError as e:  # pragma: no cover - depends on the installed diffusers
+        raise ModelFolderError(f"This diffusers version cannot convert Wan single files ({e}); update diffusers.") from e
+    identity = {name: name for name in original_names}
+    converted = convert_wan_transformer_to_diffusers(dict(identity))
+    out = {}
+    for new, orig in converted.items():
+        out[_EXTRA_FORWARD.get(new, new)] = orig
+    return out
+
+
+_INVERSE_RULES: list[tuple[str, str]] = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"\.scale_shift_table$", ".modulation"),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_q\.", ".q."),
+    (r"\.to_k\.", ".k."),
+    (r"\.to_v\.", ".v."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.add_k_proj\.", ".k_img."),
+    (r"\.add_v_proj\.", ".v_img."),
+    (r"\.norm_added_k\.", ".norm_k_img."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+]
+
+
+def transformer_to_original(name: str, prefix: str = "") -> str:
+    """A diffusers WanTransformer3DModel parameter name in the original layout."""
+    out = name
+    for pattern, repl in _INVERSE_RULES:
+        out = re.sub(pattern, repl, out)
+    # diffusers' norm2 is the original norm3 (cross-attention norm) and the other way round.
+    out = re.sub(r"^(blocks\.\d+)\.norm([23])\.", lambda m: f"{m.group(1)}.norm{5 - int(m.group(2))}.", out)
+    return prefix + out
