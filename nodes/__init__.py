@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
+from .unload import VRAMWiseUnloadModels
 from .token_merge import VRAMWiseTokenMerge
 from .vae_decode import VRAMWiseVAEDecode
 from .video_writer import VRAMWiseVideoWriter
@@ -15,6 +17,8 @@ NODES: list[type[io.ComfyNode]] = [
     VRAMWiseVAEDecode,
     VRAMWiseTokenMerge,
     VRAMWiseVideoWriter,
+    VRAMWiseUnloadModels,
+    VRAMWiseCheckpointLoader,
 ]
 
 

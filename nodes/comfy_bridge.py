@@ -113,3 +113,35 @@ def relative_to_output(path: Path) -> tuple[str, str]:
             continue
         return (str(rel.parent) if str(rel.parent) != "." else "", rel.name)
     return "", os.path.basename(path)
+
+
+# --- model files by ComfyUI folder name (VRAMWiseCheckpointLoader) ---
+def list_files(folder_name: str, extensions: tuple[str, ...] = (".safetensors",)) -> list[str]:
+    """Files under every path registered for ``folder_name`` (relative names, '/'-separated), read fresh each call
+    so files added while the server runs show up without a restart."""
+    found: set[str] = set()
+    try:
+        roots = folder_paths.get_folder_paths(folder_name)
+    except KeyError:
+        return []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(extensions):
+                    found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def file_path(folder_name: str, name: str) -> Path | None:
+    """Full path of a file listed by ``list_files`` (None if it is gone)."""
+    try:
+        roots = folder_paths.get_folder_paths(folder_name)
+    except KeyError:
+        return None
+    for root in roots:
+        candidate = Path(root) / name
+        if candidate.is_file():
+            return candidate
+    return None

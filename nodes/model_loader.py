@@ -39,7 +39,7 @@ class VRAMWiseModelLoader(io.ComfyNode):
                 io.Combo.Input(
                     "offload_mode",
                     options=[m.value for m in OffloadMode],
-                    default=OffloadMode.MODEL.value,
+                    default=OffloadMode.AUTO.value,
                     tooltip="Where weights live between uses.\n" + _MODES_HELP,
                 ),
                 io.Combo.Input(

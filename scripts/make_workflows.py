@@ -151,6 +151,16 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
                                "num_frames": 81, "steps": 40, "cfg": 3.5, "seed": 42, "shift": 5.0}),
             "Wan2.2 I2V A14B (two 14B experts). fp8 storage keeps both experts within host RAM on 64 GB machines.",
         ),
+        "wan21_i2v_comfy_files": (
+            [Node(2, "VRAMWiseCheckpointLoader", {
+                "diffusion_model": "wan2.1_i2v_480p_14B_bf16.safetensors", "diffusion_model_2": "none",
+                "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "clip_vision": "clip_vision_h.safetensors",
+                "vae": "wan_2.1_vae.safetensors"}, pos=(0, 0), size=(420, 300)) if n.id == 2 else n
+             for n in i2v_graph(object_info, model="", prefix="vramwise/wan21_i2v_comfy_files",
+                                sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                                         "num_frames": 81, "steps": 40, "cfg": 5.0, "seed": 42, "shift": 3.0})],
+            "Wan2.1 I2V 14B 480P from ComfyUI's single files (models/diffusion_models, text_encoders, clip_vision, vae).",
+        ),
     }
 
 

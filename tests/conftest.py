@@ -72,6 +72,13 @@ def comfy_server(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactor
         if (tiny_models_root / tiny).is_dir():
             (diffusers / real).symlink_to(tiny_models_root / tiny, target_is_directory=True)
     write_test_images(server.input_dir)
+    # --- VRAMWiseCheckpointLoader: tiny Wan2.1 I2V single files under the usual Comfy names (models/
+    # diffusion_models, text_encoders, clip_vision, vae), so workflows/wan21_i2v_comfy_files.json runs. ---
+    if (tiny_models_root / "tiny-wan21-i2v").is_dir():
+        import single_file_helpers
+
+        single_file_helpers.write_comfy_models(tiny_models_root / "tiny-wan21-i2v", server.models_dir)
+    # --- end VRAMWiseCheckpointLoader block ---
     server.start()
     yield server
     server.stop()

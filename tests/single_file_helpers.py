@@ -107,7 +107,8 @@ def write_text_encoder(folder: Path, out: Path, *, with_spiece: bool = True, dty
 
 def write_clip_vision(folder: Path, out: Path) -> Path:
     cfg = json.loads((Path(folder) / "image_encoder" / "config.json").read_text())
-    state = diffusers_state(folder, "image_encoder")
+    # Comfy's clip_vision_h.safetensors names start with 'vision_model.' (transformers 5 saves without it).
+    state = {(k if k.startswith("vision_model.") else "vision_model." + k): v for k, v in diffusers_state(folder, "image_encoder").items()}
     keep = ("num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim")
     save_file(state, str(out), metadata=_meta("clip_vision", {k: cfg[k] for k in keep}))
     return out
@@ -129,3 +130,30 @@ def write_wan21_set(folder: Path, out_dir: Path, names: dict[str, str] | None = 
         "clip_vision": write_clip_vision(folder, out_dir / names.get("clip_vision", "clip_vision_tiny.safetensors")),
         "vae": write_vae(folder, out_dir / names.get("vae", "wan_vae_tiny.safetensors")),
     }
+
+
+# The usual ComfyUI file names, as in workflows/wan21_i2v_comfy_files.json.
+COMFY_WAN21_NAMES = {
+    "diffusion_model": ("diffusion_models", "wan2.1_i2v_480p_14B_bf16.safetensors"),
+    "text_encoder": ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    "clip_vision": ("clip_vision", "clip_vision_h.safetensors"),
+    "vae": ("vae", "wan_2.1_vae.safetensors"),
+}
+
+
+def write_comfy_models(tiny_wan21: Path, models_dir: Path) -> dict[str, Path]:
+    """Tiny Wan2.1 I2V stand-ins under ComfyUI's folders and the real file names (bf16 transformer)."""
+    out = {}
+    for key, (sub, name) in COMFY_WAN21_NAMES.items():
+        (models_dir / sub).mkdir(parents=True, exist_ok=True)
+        path = models_dir / sub / name
+        if key == "diffusion_model":
+            write_transformer(tiny_wan21, path, variant="bf16")
+        elif key == "text_encoder":
+            write_text_encoder(tiny_wan21, path, dtype=torch.bfloat16)
+        elif key == "clip_vision":
+            write_clip_vision(tiny_wan21, path)
+        else:
+            write_vae(tiny_wan21, path)
+        out[key] = path
+    return out

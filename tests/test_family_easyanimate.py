@@ -148,12 +148,13 @@ def test_inpaint_video_marks_given_frames() -> None:
 
 
 def test_generates_requested_frames_and_size(model: VramwiseModel) -> None:
-    req = request(width=96, height=64, num_frames=9, image=picture(96, 64, 3), end_image=picture(96, 64, 4))
+    # 80 px wide: larger than a 64 px tile, so tiled decode (and, if it were used, tiled encode) really tiles.
+    req = request(width=80, height=64, num_frames=5, image=picture(80, 64, 3), end_image=picture(80, 64, 4))
     latent = generate(model, req)
-    assert latent.samples.shape == (1, 16, 3, 8, 12)
+    assert latent.samples.shape == (1, 16, 2, 8, 10)
     assert latent.family_id == "easyanimate-v5.1-inp" and latent.fps == 8
     frames, note = decode_latents(model, latent, TilingOptions(TilingMode.OFF))
-    assert frames.shape == (9, 64, 96, 3) and frames.dtype == torch.float32
+    assert frames.shape == (5, 64, 80, 3) and frames.dtype == torch.float32
     assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
     assert "untiled" in note
 

@@ -240,7 +240,19 @@ async function actRun(page, action, job) {
              queued_graph: queuedGraph, added };
   }, { action, timeoutMs: job.timeout_ms || 180000 });
   if (action.screenshot) {
-    await page.evaluate(() => { window.__vw.app.canvas.ds.offset = [20, 20]; window.__vw.app.canvas.ds.scale = 0.6; window.__vw.app.graph.setDirtyCanvas(true, true); });
+    await page.evaluate(() => {
+      // Frame the whole graph (node bodies plus title bars) in the visible canvas.
+      const { app } = window.__vw;
+      const nodes = app.graph._nodes || app.graph.nodes || [];
+      if (!nodes.length) return;
+      const minX = Math.min(...nodes.map((n) => n.pos[0])), minY = Math.min(...nodes.map((n) => n.pos[1] - 40));
+      const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])), maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+      const el = app.canvas.canvas;
+      const scale = Math.min(1, (el.clientWidth - 200) / (maxX - minX), (el.clientHeight - 200) / (maxY - minY));
+      app.canvas.ds.scale = scale;
+      app.canvas.ds.offset = [-minX + 90 / scale, -minY + 120 / scale];
+      app.graph.setDirtyCanvas(true, true);
+    });
     await page.waitForTimeout(500);
     const file = path.join(job.screenshot_dir, action.screenshot);
     fs.mkdirSync(job.screenshot_dir, { recursive: true });

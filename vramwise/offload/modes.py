@@ -131,5 +131,12 @@ def _register_stream() -> None:
 
     PLACERS[OffloadMode.STREAM] = place_stream
 
+    def place_auto(*args, **kwargs):
+        from ..memory.planner import place_auto as planner_place_auto
+
+        return planner_place_auto(*args, **kwargs)
+
+    PLACERS[OffloadMode.AUTO] = place_auto
+
 
 _register_stream()

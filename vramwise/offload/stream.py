@@ -646,8 +646,10 @@ class StreamSettings:
 SETTINGS = StreamSettings()
 
 
-def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str],
+                 settings: StreamSettings | None = None) -> Callable[[], None]:
     """Denoisers: streamed blocks + resident rest + CFG batching. Other components: moved on while they run."""
+    SETTINGS = settings or globals()["SETTINGS"]
     from accelerate import cpu_offload_with_hook
 
     from .modes import components

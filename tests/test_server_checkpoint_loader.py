@@ -1,0 +1,55 @@
+"""VRAMWiseCheckpointLoader inside a real ComfyUI server: listing, a run from single files, a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from api_prompts import i2v_prompt, saved_files
+from comfy_harness import execution_error
+
+pytestmark = pytest.mark.server
+
+FILES = {
+    "diffusion_model": "wan2.1_i2v_480p_14B_bf16.safetensors",
+    "diffusion_model_2": "none",
+    "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    "clip_vision": "clip_vision_h.safetensors",
+    "vae": "wan_2.1_vae.safetensors",
+}
+
+
+def _prompt(**files) -> dict:
+    graph = i2v_prompt(frames=5)
+    graph["2"] = {
+        "class_type": "VRAMWiseCheckpointLoader",
+        "inputs": {**FILES, **files, "offload_mode": "none", "weight_dtype": "bf16", "text_encoder_on_cpu": False},
+    }
+    return graph
+
+
+def test_lists_comfy_folders_and_shares_the_model_loader_options(comfy_server):
+    info = comfy_server.object_info()
+    node = info["VRAMWiseCheckpointLoader"]["input"]
+    required = {**node["required"], **node.get("optional", {})}
+    assert FILES["diffusion_model"] in required["diffusion_model"][1]["options"]
+    assert required["diffusion_model_2"][1]["options"][0] == "none"
+    assert required["clip_vision"][1]["options"][0] == "none"
+    assert FILES["vae"] in required["vae"][1]["options"]
+    loader = info["VRAMWiseModelLoader"]["input"]["required"]
+    for name in ("offload_mode", "weight_dtype"):
+        assert required[name][1]["options"] == loader[name][1]["options"]
+        assert required[name][1]["default"] == loader[name][1]["default"]
+
+
+def test_runs_from_single_files(comfy_server):
+    entry = comfy_server.run(_prompt())
+    assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
+    assert len(saved_files(entry)) == 1
+    assert "Wan2.1 I2V" in entry["outputs"]["2"]["text"][0]
+
+
+def test_wan21_without_clip_vision_is_a_clear_error(comfy_server):
+    entry = comfy_server.run(_prompt(clip_vision="none"))
+    err = execution_error(entry)
+    assert err is not None and err["node_type"] == "VRAMWiseCheckpointLoader"
+    assert "clip_vision" in err["exception_message"] and "clip_vision_h.safetensors" in err["exception_message"]

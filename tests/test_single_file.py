@@ -1,0 +1,211 @@
+"""Wan pipelines from ComfyUI-format single files (engine only, no server)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import single_file_helpers as sfh
+from vramwise.errors import InputError, ModelFolderError
+from vramwise.single_file import SingleFileSpec, detect_transformer
+from vramwise.single_file.keys import transformer_name_map, transformer_to_original
+from vramwise.single_file.transformer import load_transformer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wan21(tiny_models_root: Path, tmp_path_factory) -> dict[str, Path]:
+    return sfh.write_wan21_set(tiny_models_root / "tiny-wan21-i2v", tmp_path_factory.mktemp("sf-wan21"))
+
+
+def _latents(pipe, seed: int = 0) -> torch.Tensor:
+    img = Image.new("RGB", (64, 64), (200, 120, 40))
+    with torch.no_grad():
+        return pipe(
+            image=img, prompt="a yellow ball rolls to the right", negative_prompt="blurry", height=64, width=64,
+            num_frames=5, num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+            output_type="latent", max_sequence_length=512,
+        ).frames
+
+
+@pytest.mark.parametrize("model,component", [
+    ("tiny-wan21-i2v", "transformer"), ("tiny-wan21-flf2v", "transformer"),
+    ("tiny-wan22-i2v-a14b", "transformer_2"), ("tiny-wan22-ti2v-5b", "transformer"),
+])
+def test_inverse_key_mapping_round_trips_through_diffusers_converter(tiny_models_root, model, component):
+    names = list(sfh.diffusers_state(tiny_models_root / model, component))
+    for prefix in ("", sfh.PREFIX):
+        original = [transformer_to_original(n, prefix) for n in names]
+        assert len(set(original)) == len(names)
+        back = transformer_name_map(original)
+        assert {k: v for k, v in back.items()} == {n: transformer_to_original(n, prefix) for n in names}
+
+
+@pytest.mark.parametrize("model,component,expected", [
+    ("tiny-wan21-i2v", "transformer", "wan2.1-i2v"),
+    ("tiny-wan21-flf2v", "transformer", "wan2.1-flf2v"),
+    ("tiny-wan22-i2v-a14b", "transformer", "wan2.2-i2v-a14b"),
+    ("tiny-wan22-ti2v-5b", "transformer", "wan2.2-ti2v-5b"),
+])
+def test_detection_from_header(tiny_models_root, tmp_path, model, component, expected):
+    for prefix in ("", sfh.PREFIX):
+        path = sfh.write_transformer(tiny_models_root / model, tmp_path / f"{model}{bool(prefix)}.safetensors", component=component, prefix=prefix)
+        info = detect_transformer(path)
+        assert info.family_id == expected
+        cfg = json.loads((tiny_models_root / model / component / "config.json").read_text())
+        for key in ("in_channels", "out_channels", "num_layers", "num_attention_heads", "ffn_dim", "text_dim", "image_dim", "pos_embed_seq_len"):
+            assert info.config[key] == cfg[key], key
+
+
+def test_text_to_video_file_is_refused_with_what_it_is(tiny_models_root, tmp_path):
+    path = sfh.write_transformer(tiny_models_root / "tiny-wan21-t2v", tmp_path / "t2v.safetensors")
+    with pytest.raises(ModelFolderError, match="text-to-video"):
+        detect_transformer(path)
+
+
+def test_other_components_picked_as_diffusion_model_are_named(wan21):
+    with pytest.raises(ModelFolderError, match="text encoder"):
+        detect_transformer(wan21["text_encoder"])
+
+
+def test_single_files_give_the_same_latents_as_the_diffusers_folder(tiny_models_root, wan21):
+    from diffusers import WanImageToVideoPipeline
+
+    ref = WanImageToVideoPipeline.from_pretrained(tiny_models_root / "tiny-wan21-i2v", torch_dtype=torch.float32)
+    pipe = SingleFileSpec.create(**wan21).load(torch.float32)
+    assert pipe.tokenizer("a yellow ball").input_ids == ref.tokenizer("a yellow ball").input_ids
+    torch.testing.assert_close(_latents(pipe), _latents(ref), atol=1e-5, rtol=0)
+
+
+def test_fp8_scaled_folds_scales_and_matches_the_original_within_fp8_error(tiny_models_root, tmp_path, wan21):
+    folder = tiny_models_root / "tiny-wan21-i2v"
+    info = detect_transformer(wan21["diffusion_model"])
+    exact = load_transformer(wan21["diffusion_model"], info, torch.float32).state_dict()
+    scaled = sfh.write_transformer(folder, tmp_path / "scaled.safetensors", variant="fp8_scaled")
+    got = load_transformer(scaled, detect_transformer(scaled), torch.float32).state_dict()
+    assert set(got) == set(exact)
+    for name, w in exact.items():
+        # e4m3 keeps 3 mantissa bits: relative rounding error <= 2^-4 of the value; with a per-tensor scale the
+        # smallest values fall into subnormals, so bound the error by 1/16 of the tensor's max magnitude.
+        tol = w.abs().max().item() / 16 + 1e-12
+        assert (got[name] - w).abs().max().item() <= tol, name
+    # Without folding (what a loader that drops scale_weight gives) the matrices are off by orders of magnitude.
+    from safetensors import safe_open
+
+    with safe_open(str(scaled), "pt") as f:
+        raw = f.get_tensor(sfh.PREFIX + "blocks.0.self_attn.q.weight").float()
+    assert (raw - exact["blocks.0.attn1.to_q.weight"]).abs().max() > 10 * exact["blocks.0.attn1.to_q.weight"].abs().max()
+
+
+def test_plain_fp8_file_stays_fp8_when_fp8_storage_is_chosen(tiny_models_root, tmp_path):
+    path = sfh.write_transformer(tiny_models_root / "tiny-wan21-i2v", tmp_path / "fp8.safetensors", variant="fp8_e4m3fn")
+    model = load_transformer(path, detect_transformer(path), torch.bfloat16, keep_fp8=True)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert model.patch_embedding.weight.dtype == torch.bfloat16  # kept in compute precision (fp8 skip list)
+    upcast = load_transformer(path, detect_transformer(path), torch.bfloat16)
+    assert upcast.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+def test_fp8_scaled_pipeline_runs_close_to_the_original(tiny_models_root, tmp_path, wan21):
+    scaled = sfh.write_transformer(tiny_models_root / "tiny-wan21-i2v", tmp_path / "scaled.safetensors", variant="fp8_scaled")
+    ref = _latents(SingleFileSpec.create(**wan21).load(torch.float32))
+    got = _latents(SingleFileSpec.create(**dict(wan21, diffusion_model=scaled)).load(torch.float32))
+    assert torch.isfinite(got).all()
+    # fp8 weight rounding (~6% per weight) on a random 2-layer model: outputs agree to a few percent of their range.
+    assert (got - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+def test_truncated_file_gives_a_clear_error(wan21, tmp_path):
+    data = wan21["diffusion_model"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFolderError, match="truncated or corrupt"):
+        detect_transformer(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ModelFolderError, match="truncated or corrupt"):
+        detect_transformer(junk)
+
+
+def test_mismatched_text_encoder_is_named(wan21, tmp_path):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    other = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+    path = tmp_path / "t5_small.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "encoder.embed_tokens.weight"}, str(path))
+    with pytest.raises(InputError, match="text_encoder.*hidden size 16.*expects 32"):
+        SingleFileSpec.create(**dict(wan21, text_encoder=path)).check()
+
+
+def test_text_encoder_without_spiece_model_says_where_a_tokenizer_goes(tiny_models_root, wan21, tmp_path):
+    path = sfh.write_text_encoder(tiny_models_root / "tiny-wan21-i2v", tmp_path / "umt5_nospm.safetensors", with_spiece=False)
+    with pytest.raises(InputError, match="spiece_model.*umt5_nospm_tokenizer"):
+        SingleFileSpec.create(**dict(wan21, text_encoder=path)).load(torch.float32)
+
+
+def test_files_that_do_not_belong_together_are_refused(tiny_models_root, wan21, tmp_path):
+    a14b = tiny_models_root / "tiny-wan22-i2v-a14b"
+    high = sfh.write_transformer(a14b, tmp_path / "high.safetensors", component="transformer")
+    low = sfh.write_transformer(a14b, tmp_path / "low.safetensors", component="transformer_2")
+    base = dict(wan21, diffusion_model=high, clip_vision=None)
+    with pytest.raises(InputError, match="diffusion_model_2"):
+        SingleFileSpec.create(**base).check()
+    with pytest.raises(InputError, match="clip_vision"):
+        SingleFileSpec.create(**dict(base, diffusion_model_2=low, clip_vision=wan21["clip_vision"])).check()
+    with pytest.raises(InputError, match="clip_vision"):
+        SingleFileSpec.create(**dict(wan21, clip_vision=None)).check()
+    info, info2 = SingleFileSpec.create(**dict(base, diffusion_model_2=low)).check()
+    assert info.family_id == "wan2.2-i2v-a14b" and info2 is not None
+
+
+def test_a14b_pair_assembles_two_experts(tiny_models_root, wan21, tmp_path):
+    a14b = tiny_models_root / "tiny-wan22-i2v-a14b"
+    high = sfh.write_transformer(a14b, tmp_path / "high.safetensors", component="transformer")
+    low = sfh.write_transformer(a14b, tmp_path / "low.safetensors", component="transformer_2")
+    pipe = SingleFileSpec.create(**dict(wan21, diffusion_model=high, diffusion_model_2=low, clip_vision=None)).load(torch.float32)
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.9 and pipe.image_encoder is None
+
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    sys.path.insert(0, {repo!r})
+    from pathlib import Path
+    from vramwise.single_file.reader import load_tensors
+    import safetensors.torch  # imports done before the baseline
+    path = Path(sys.argv[1])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        names = {{k: k for k in f.keys()}}
+    state = load_tensors(path, names, torch.bfloat16)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print((peak - base) / path.stat().st_size)
+    """
+)
+
+
+def rss_ratio(path: Path) -> float:
+    """Peak RSS growth while loading ``path`` to bf16, divided by the file size (fresh process)."""
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(repo=str(REPO)), str(path)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_loading_does_not_hold_a_second_copy_of_the_file(tmp_path):
+    # 48 bf16 matrices of 2 MiB each (96 MiB): a full fp32 copy would show as a ratio >= 2.
+    g = torch.Generator().manual_seed(0)
+    state = {f"blocks.{i}.w": torch.randn(1024, 1024, generator=g).to(torch.bfloat16) for i in range(48)}
+    path = tmp_path / "big.safetensors"
+    save_file(state, str(path))
+    del state
+    ratio = rss_ratio(path)
+    assert ratio <= 1.3, ratio

@@ -1,0 +1,1 @@
+"""Memory planning: estimates and the auto offload planner."""

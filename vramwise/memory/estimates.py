@@ -1,0 +1,103 @@
+"""Memory estimates from shapes: weight bytes per component (safetensors headers or live modules), activation bytes
+per token from factors calibrated on an H200 (bench/RESULTS.md, "Offload engine").
+
+Calibration (Wan2.1-I2V-14B transformer, batch-2 CFG step, 480x832, stream mode, FFN chunked at 4096 tokens):
+peak = fixed part (2 block slots + resident non-block weights, ~2.1 GiB) + tokens x batch x hidden x factor, with
+factor ~21.6 bytes eager and ~11.8 bytes with regional torch.compile (33 and 81 frames both fit this line; the
+all-on-GPU 81-frame peak, 37.5 GiB, is weights 30.5 GiB + the same eager term).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ACT_BYTES_PER_TOKEN_HIDDEN_EAGER = 21.6
+ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
+# Allocator slack and CUDA context outside torch's count.
+FIXED_OVERHEAD = int(0.6 * 2**30)
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I8": 1,
+                "U8": 1, "BOOL": 1, "I16": 2}
+
+
+def safetensors_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, read from its header only (no weights are loaded)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        out[name] = numel * _DTYPE_BYTES.get(info["dtype"], 2)
+    return out
+
+
+def folder_component_bytes(folder: Path) -> dict[str, int]:
+    """Weight bytes per component folder of a diffusers pipeline folder, as stored on disk."""
+    out: dict[str, int] = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        total = 0
+        for st in sub.glob("*.safetensors"):
+            total += sum(safetensors_bytes(st).values())
+        if total:
+            out[sub.name] = total
+    return out
+
+
+@dataclass(frozen=True)
+class DenoiserShape:
+    """What the activation estimate needs of a denoiser."""
+
+    hidden: int
+    layers: int
+    block_bytes: int  # bytes of one repeated block in compute dtype
+    non_block_bytes: int
+    total_bytes: int
+    patch: tuple[int, int, int] = (1, 2, 2)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], total_bytes: int) -> "DenoiserShape":
+        heads = int(config.get("num_attention_heads", 40))
+        head_dim = int(config.get("attention_head_dim", 128))
+        hidden = heads * head_dim
+        layers = max(1, int(config.get("num_layers", 40)))
+        ffn = int(config.get("ffn_dim", 4 * hidden))
+        added = config.get("added_kv_proj_dim")
+        # attn1: 4 x h^2, attn2: 4 x h^2 (+2 x added x h for image keys/values), ffn: 2 x h x ffn, bytes in bf16
+        per_block = (8 * hidden * hidden + 2 * hidden * ffn + (2 * int(added) * hidden if added else 0)) * 2
+        per_block = min(per_block, total_bytes // layers)
+        patch = tuple(config.get("patch_size", (1, 2, 2)))
+        return cls(hidden, layers, per_block, max(0, total_bytes - per_block * layers), total_bytes, patch)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, blocks: list[torch.nn.Module]) -> "DenoiserShape":
+        def nbytes(m: torch.nn.Module) -> int:
+            return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+        total = nbytes(module)
+        block = max((nbytes(b) for b in blocks), default=0)
+        config = dict(getattr(module, "config", {}) or {})
+        heads = int(config.get("num_attention_heads", 1))
+        hidden = heads * int(config.get("attention_head_dim", 1)) if config else 1
+        return cls(hidden, len(blocks), block, max(0, total - block * len(blocks)), total,
+                   tuple(config.get("patch_size", (1, 2, 2))))
+
+
+def tokens(latent_frames: int, latent_height: int, latent_width: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+    pt, ph, pw = patch
+    return (latent_frames // pt) * (latent_height // ph) * (latent_width // pw)
+
+
+def activation_bytes(n_tokens: int, hidden: int, batch: int, compiled: bool = False) -> int:
+    factor = ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED if compiled else ACT_BYTES_PER_TOKEN_HIDDEN_EAGER
+    return int(n_tokens * batch * hidden * factor)

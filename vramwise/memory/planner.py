@@ -1,0 +1,268 @@
+"""Pick the fastest placement that fits: estimate peak VRAM and host RAM per plan, step down on out-of-memory.
+
+Plans, fastest first (each later one needs less VRAM):
+  none (everything resident) -> stream bf16 (CFG batched) -> stream fp8 -> stream fp8 with CFG passes one after
+  the other -> sequential fp8. VAE tiling is the decode's own step-down (``decode.TilingMode.AUTO``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch
+
+from ..errors import VramwiseError
+from .estimates import FIXED_OVERHEAD, DenoiserShape, activation_bytes, tokens
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GiB = 2**30
+DEFAULT_HEADROOM = int(1.0 * GiB)
+
+
+@dataclass(frozen=True)
+class Plan:
+    offload: str  # an OffloadMode value
+    fp8: bool = False
+    cfg_batch: bool = True
+
+    def describe(self) -> str:
+        parts = [self.offload, "fp8 storage" if self.fp8 else "bf16"]
+        if self.offload == "stream":
+            parts.append("CFG batched" if self.cfg_batch else "CFG sequential")
+        return ", ".join(parts)
+
+
+PLANS: tuple[Plan, ...] = (
+    Plan("none"),
+    Plan("stream"),
+    Plan("stream", fp8=True),
+    Plan("stream", fp8=True, cfg_batch=False),
+    Plan("sequential", fp8=True, cfg_batch=False),
+)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    do_cfg: bool = True
+
+
+# Wan defaults: 480x832, 81 frames -> latent 21 x 60 x 104
+DEFAULT_RUN = RunShape(21, 60, 104, True)
+
+
+@dataclass(frozen=True)
+class Components:
+    """Weight bytes (compute dtype) of the pipeline's parts."""
+
+    denoisers: tuple[DenoiserShape, ...]
+    others: dict[str, int]  # text encoder, image encoder, VAE
+    vae_decode_peak: int = 0
+
+    @property
+    def denoiser_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.denoisers)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: Plan
+    vram_peak: int
+    host_bytes: int
+    pinned_bytes: int
+
+    def describe(self) -> str:
+        return (f"plan: {self.plan.describe()}; estimated peak VRAM {self.vram_peak / GiB:.1f} GiB, host RAM "
+                f"{self.host_bytes / GiB:.1f} GiB ({self.pinned_bytes / GiB:.1f} GiB pinned)")
+
+
+def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False) -> Estimate:
+    batch = 2 if (run.do_cfg and plan.cfg_batch and plan.offload != "sequential") else 1
+    d_peak = 0
+    pinned = 0
+    for d in comp.denoisers:
+        n = tokens(run.latent_frames, run.latent_height, run.latent_width, d.patch)
+        act = activation_bytes(n, d.hidden, batch, compiled)
+        if plan.offload == "none":
+            weights = comp.denoiser_bytes  # both experts stay resident
+            peak = weights + sum(comp.others.values()) + act
+        elif plan.offload == "stream":
+            store = d.block_bytes // 2 if plan.fp8 else d.block_bytes
+            slots = 2 * store + (d.block_bytes if plan.fp8 else 0)  # two slots + the upcast buffer
+            peak = d.non_block_bytes + slots + act
+            pinned += store * d.layers
+        elif plan.offload == "model":
+            peak = d.total_bytes + act
+        elif plan.offload == "group":
+            peak = d.non_block_bytes + 2 * d.block_bytes + act
+        else:  # sequential: one layer at a time
+            peak = d.non_block_bytes // 4 + d.block_bytes // 8 + act
+        d_peak = max(d_peak, peak)
+    encoders = max(comp.others.values(), default=0)
+    vram = max(d_peak, encoders, comp.vae_decode_peak) + FIXED_OVERHEAD
+    weights_host = comp.denoiser_bytes // (2 if plan.fp8 else 1) + sum(comp.others.values())
+    return Estimate(plan, int(vram), int(weights_host), int(pinned))
+
+
+class NothingFits(VramwiseError):
+    pass
+
+
+def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, floor: int = 0,
+           compiled: bool = False) -> Estimate:
+    """The fastest plan from ``PLANS[floor:]`` whose estimate fits both budgets."""
+    tried = []
+    for plan in PLANS[floor:]:
+        est = estimate(plan, comp, run, compiled)
+        tried.append(est)
+        if est.vram_peak <= vram_budget and est.host_bytes <= host_budget:
+            return est
+    smallest = tried[-1] if tried else estimate(PLANS[-1], comp, run, compiled)
+    raise NothingFits(
+        f"No offload plan fits: the safest ({smallest.plan.describe()}) needs ~{smallest.vram_peak / GiB:.1f} GiB "
+        f"VRAM (budget {vram_budget / GiB:.1f} GiB) and {smallest.host_bytes / GiB:.1f} GiB host RAM (available "
+        f"{host_budget / GiB:.1f} GiB). Fix: lower width/height or num_frames (VRAM grows with "
+        f"frames x width x height), set cfg 1.0, text_encoder_on_cpu true, close other programs, or raise vram_budget_gb."
+    )
+
+
+def vram_budget(device: torch.device, budget_gb: float | None = None, headroom_gb: float | None = None) -> int:
+    """Usable VRAM: the user's budget, else free memory minus a headroom."""
+    from ..device import free_bytes
+
+    if budget_gb:
+        return int(budget_gb * GiB)
+    headroom = int(headroom_gb * GiB) if headroom_gb is not None else DEFAULT_HEADROOM
+    return max(0, free_bytes(device) - headroom)
+
+
+# ---- plan floors (raised by out-of-memory retries) ------------------------------------------------------------
+_FLOORS: dict[str, int] = {}
+
+
+def floor_for(key: str) -> int:
+    return _FLOORS.get(key, 0)
+
+
+def set_floor(key: str, plan: Plan) -> None:
+    _FLOORS[key] = max(_FLOORS.get(key, 0), PLANS.index(plan))
+
+
+def clear_floors() -> None:
+    _FLOORS.clear()
+
+
+def next_plan(plan: Plan) -> Plan | None:
+    i = PLANS.index(plan)
+    return PLANS[i + 1] if i + 1 < len(PLANS) else None
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_with_step_down(
+    attempt: Callable[[], T],
+    current_plan: Callable[[], Plan],
+    step_down: Callable[[Plan], None],
+    free_all: Callable[[], None],
+    report: list[str] | None = None,
+) -> T:
+    """Run ``attempt``; on CUDA out-of-memory free everything, move to the next safer plan and try again.
+
+    ``step_down(plan)`` re-places the model for ``plan``; when the safest plan also runs out of memory the error
+    says so and what would fit.
+    """
+    while True:
+        try:
+            return attempt()
+        except Exception as e:  # noqa: BLE001 - only OOM is handled
+            if not is_oom(e):
+                raise
+            plan = current_plan()
+            free_all()
+            nxt = next_plan(plan)
+            msg = f"out of memory with plan '{plan.describe()}'"
+            if nxt is None:
+                raise NothingFits(
+                    f"{msg}, the safest plan. Fix: lower width/height or num_frames, set cfg 1.0, or close programs "
+                    "that use the GPU."
+                ) from e
+            if report is not None:
+                report.append(f"{msg}; retried with '{nxt.describe()}'")
+            log.warning("%s; stepping down to %s", msg, nxt.describe())
+            step_down(nxt)
+
+
+# ---- components of a loaded pipeline ---------------------------------------------------------------------------
+def components_of(pipe: Any, denoiser_names: Iterable[str]) -> Components:
+    from ..offload.modes import components
+    from ..offload.stream import repeated_blocks
+    from ..precision import module_bytes
+
+    dens = []
+    others = {}
+    denoiser_names = set(denoiser_names)
+    for name, module in components(pipe):
+        if name in denoiser_names:
+            dens.append(DenoiserShape.from_module(module, repeated_blocks(module)))
+        else:
+            others[name] = module_bytes(module)
+    vae_peak = 0
+    return Components(tuple(dens), others, vae_peak)
+
+
+def default_run_for(pipe: Any) -> RunShape:
+    return DEFAULT_RUN
+
+
+def place_auto(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+    """OffloadMode.AUTO: choose a plan for the default run size and the free memory now, then place for it."""
+    from ..device import host_available_bytes
+    from ..offload.modes import PLACERS, OffloadMode
+    from ..offload.stream import StreamSettings, place_stream
+
+    denoisers = tuple(denoisers)
+    comp = components_of(pipe, denoisers)
+    key = str(getattr(pipe, "name_or_path", "") or id(pipe))
+    floor = floor_for(key)
+    if device.type != "cuda":
+        est = estimate(PLANS[max(floor, 1)], comp, default_run_for(pipe))  # CPU: exercise the stream path
+    else:
+        try:
+            est = choose(comp, default_run_for(pipe), vram_budget(device), host_available_bytes(), floor)
+        except NothingFits:
+            est = estimate(PLANS[-1], comp, default_run_for(pipe))
+    plan = est.plan
+    pipe._vramwise_plan = est
+    if plan.offload == "stream":
+        return place_stream(pipe, device, skip, denoisers,
+                            settings=StreamSettings(fp8_linear=plan.fp8, cfg_batching=plan.cfg_batch))
+    if plan.offload == "sequential":
+        if plan.fp8:
+            from ..precision import DENOISER_FP8_SKIP, apply_fp8_storage
+
+            dtype = next((p.dtype for p in getattr(pipe, denoisers[0]).parameters()), torch.bfloat16)
+            if dtype not in (torch.float8_e4m3fn,):
+                apply_fp8_storage([(getattr(pipe, n, None), DENOISER_FP8_SKIP) for n in denoisers], dtype)
+        return PLACERS[OffloadMode.SEQUENTIAL](pipe, device, skip, denoisers)
+    return PLACERS[OffloadMode(plan.offload)](pipe, device, skip, denoisers)
+
+
+def plan_of(pipe: Any) -> Estimate | None:
+    return getattr(pipe, "_vramwise_plan", None)
+
+
+def key_of(pipe: Any) -> str:
+    return str(getattr(pipe, "name_or_path", "") or id(pipe))
+
+
+__all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
+           "run_with_step_down", "place_auto", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]
