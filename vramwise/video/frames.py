@@ -7,9 +7,12 @@ converted to integers at once.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -142,3 +145,27 @@ def iter_chunks(
     for start in range(0, len(order), step):
         indices = order[start : start + step]
         yield convert(frames, indices, height, width, bits, out=buffer[: len(indices)], scratch=scratch)
+        release_free_heap()
+
+
+@cache
+def _malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    Encoders allocate and free a few MB per frame (PyAV frames, libwebp's ARGB copies). glibc serves such
+    sizes from the heap once one has been freed, and the small allocations the encoder keeps (its compressed
+    output) pin the freed space, so RSS grew by a frame per frame: 81 frames of 720p WebP peaked 140-310 MB
+    above the clip, about 90 MB with a trim per chunk. A trim takes well under a millisecond here.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
