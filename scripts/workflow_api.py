@@ -107,8 +107,10 @@ def check_workflow(workflow: dict[str, Any], object_info: dict[str, Any]) -> lis
         expected = sum(
             (2 if _has_control_widget(k, o) else 1) for _, k, o in _input_specs(info) if _is_widget(k, o)
         )
-        if isinstance(values, list) and len(values) != expected:
-            problems.append(f"{where}: {len(values)} widget values saved, the node has {expected}")
+        # Fewer values is an older file saved before widgets were appended: the frontend fills in defaults.
+        # More values means widgets were removed or reordered, which breaks saved workflows.
+        if isinstance(values, list) and len(values) > expected:
+            problems.append(f"{where}: {len(values)} widget values saved, the node has only {expected}")
         for name, value in _widget_values(node, info).items():
             kind, opts = specs[name]
             options = _combo_options(kind, opts)
