@@ -82,6 +82,10 @@ def ui_to_api(workflow: dict[str, Any], object_info: dict[str, Any]) -> dict[str
             raise KeyError(f"node {node['id']}: type '{node_type}' is not registered")
         info = object_info[node_type]
         inputs = _widget_values(node, info)
+        for name, kind, opts in _input_specs(info):
+            # Like the frontend: widgets appended after the file was saved start at their defaults.
+            if name not in inputs and _is_widget(kind, opts) and "default" in opts:
+                inputs[name] = opts["default"]
         for inp in node.get("inputs", []) or []:
             link_id = inp.get("link")
             if link_id is not None:

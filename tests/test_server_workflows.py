@@ -58,3 +58,15 @@ def test_sampler_widget_order_is_the_saved_contract(comfy_server):
     assert loader[:4] == ["model", "offload_mode", "weight_dtype", "text_encoder_on_cpu"]
     decode = widget_names(comfy_server.object_info()["VRAMWiseVAEDecode"])
     assert decode[:3] == ["tiling", "tile_size", "tile_overlap"]
+
+
+def test_a_workflow_saved_before_widgets_were_appended_still_loads_and_runs(comfy_server):
+    workflow = _load(next(p for p in WORKFLOWS if p.stem == "vramwise_tiny_demo"))
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "VRAMWiseSampler")
+    # The sampler's widgets as first released: prompt .. resize_mode, with the seed's control value.
+    sampler["widgets_values"] = sampler["widgets_values"][:11]
+    info = comfy_server.object_info()
+    assert check_workflow(workflow, info) == []
+    prompt = ui_to_api(workflow, info)
+    entry = comfy_server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
