@@ -46,11 +46,15 @@ UNET_TINY = dict(
 )
 
 LOG: list[str] = []
+OUT_DIR = Path(os.environ.get("OUT") or REPO / "bench" / "out")
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
     LOG.append(msg)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with open(OUT_DIR / "token_merge_bench.log", "a") as f:  # streamed: a run cut short keeps its rows
+        f.write(msg + "\n")
 
 
 def sync(device: torch.device) -> None:
@@ -123,12 +127,15 @@ def bench_wan(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         return model(x, t, enc, img, return_dict=False)[0]
 
     impl = default_impl(device)
+    # Most important first: every implementation at 0.5, then the ratio sweeps, then the window / skip variants.
     configs = [dict(label="ratio 0 (stock)", ratio=0.0)]
-    configs += [dict(label=f"ratio {r:g}", ratio=r) for r in args.ratios]
-    configs += [dict(label=f"ratio 0.5, attention {i}", ratio=0.5, attention_impl=i) for i in args.impls if i != impl]
+    configs += [dict(label=f"ratio 0.5, {i}", ratio=0.5, attention_impl=i) for i in args.impls]
+    sweep = [i for i in args.impls if i != "mask"]
+    configs += [dict(label=f"ratio {r:g}, {i}", ratio=r, attention_impl=i) for i in sweep for r in args.ratios if r != 0.5]
     configs += [
-        dict(label="ratio 0.5, window spatial", ratio=0.5, window="spatial"),
-        dict(label="ratio 0.5, skip 2 first + 2 last blocks (node defaults)", ratio=0.5, skip_first_blocks=2, skip_last_blocks=2),
+        dict(label=f"ratio 0.5, {impl}, window spatial", ratio=0.5, window="spatial", attention_impl=impl),
+        dict(label=f"ratio 0.5, {impl}, skip 2 first + 2 last blocks (node defaults)", ratio=0.5,
+             skip_first_blocks=2, skip_last_blocks=2, attention_impl=impl),
     ]
     rows, base = [], None
     for c in configs:
@@ -138,7 +145,7 @@ def bench_wan(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         try:
             sec, out, peak = time_forward(forward, device, args.repeats)
             row = dict(model="wan2.1-i2v-14b", label=label, seconds=sec, peak_gib=peak,
-                       merged_calls=handle.state.calls, impl=c.get("attention_impl") or impl)
+                       merged_calls=handle.state.calls)
             if base is None:
                 base = (sec, out)
             row["speedup"] = base[0] / sec
@@ -147,7 +154,7 @@ def bench_wan(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         except Exception as e:  # keep the rest of the run
             row = dict(model="wan2.1-i2v-14b", label=label, error=f"{type(e).__name__}: {e}"[:300])
             log(f"  {label}: FAILED {row['error']}")
-            LOG.append(traceback.format_exc())
+            log(traceback.format_exc(limit=3))
         finally:
             handle.detach()
         rows.append(row)
@@ -238,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-size", type=int)
     p.add_argument("--unet-frames", type=int)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--impls", nargs="+", default=["mask", "cudnn", "fold", "flex"],
-                   help="proportional-attention implementations compared at ratio 0.5")
+    p.add_argument("--impls", nargs="+", default=["fold", "flex", "cudnn", "mask"],
+                   help="proportional-attention implementations compared (mask only at ratio 0.5)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-wan", action="store_true")
     p.add_argument("--skip-unet", action="store_true")
@@ -250,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args.frames = args.frames or (9 if small else 81)
     args.unet_size = args.unet_size or (64 if small else 512)
     args.unet_frames = args.unet_frames or (4 if small else 16)
-    if small:
-        args.impls = [i for i in args.impls if i != "cudnn" and i != "flex"] if not torch.cuda.is_available() else args.impls
+    if not torch.cuda.is_available():  # cudnn is CUDA-only; flex compiles slowly on CPU
+        args.impls = [i for i in args.impls if i not in ("cudnn", "flex")]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -261,19 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     log(f"token merge bench {datetime.now(timezone.utc).isoformat(timespec='seconds')} on {name}; torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}; command: python {' '.join(sys.argv)}")
     rows: list[dict] = []
-    if not args.skip_wan:
-        rows += bench_wan(args, device, dtype)
+    # The UNet part is short: run it first so a cut-short Wan part still leaves its rows.
     if not args.skip_unet:
         rows += bench_unet(args, device, dtype)
-    out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.skip_wan:
+        rows += bench_wan(args, device, dtype)
     text = table(rows)
     log("")
     log(f"Wan {args.height}x{args.width}x{args.frames}, I2VGen-XL {args.unet_size}x{args.unet_size}x{args.unet_frames}, "
         f"{device.type} {name}, bf16, median of {args.repeats}:")
     log(text)
-    (out_dir / "token_merge_bench.log").write_text("\n".join(LOG) + "\n")
-    (out_dir / "token_merge_bench.json").write_text(json.dumps(dict(device=name, rows=rows), indent=1))
+    (OUT_DIR / "token_merge_bench.json").write_text(json.dumps(dict(device=name, rows=rows), indent=1))
     return 0
 
 

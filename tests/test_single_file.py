@@ -177,18 +177,24 @@ def test_a14b_pair_assembles_two_experts(tiny_models_root, wan21, tmp_path):
 
 _RSS_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch
+    import sys, torch
     sys.path.insert(0, {repo!r})
     from pathlib import Path
     from vramwise.single_file.reader import load_tensors
     import safetensors.torch  # imports done before the baseline
     path = Path(sys.argv[1])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def hwm():  # peak RSS of this process image (ru_maxrss would carry the parent's peak across exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    base = hwm()
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         names = {{k: k for k in f.keys()}}
     state = load_tensors(path, names, torch.bfloat16)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    touched = sum(float(t.float().sum()) for t in state.values())  # fault in every page of the result
+    peak = hwm()
+    print(base, peak, file=sys.stderr)
     print((peak - base) / path.stat().st_size)
     """
 )
@@ -197,6 +203,7 @@ _RSS_SCRIPT = textwrap.dedent(
 def rss_ratio(path: Path) -> float:
     """Peak RSS growth while loading ``path`` to bf16, divided by the file size (fresh process)."""
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(repo=str(REPO)), str(path)], capture_output=True, text=True, check=True)
+    rss_ratio.last_stderr = out.stderr
     return float(out.stdout.strip().splitlines()[-1])
 
 
