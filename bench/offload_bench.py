@@ -115,7 +115,8 @@ def run_group(group: str, args) -> list[dict]:
     if group in ("ours", "ours_compiled", "group", "diffusers"):
         from diffusers import WanTransformer3DModel
 
-        from vramwise.offload.stream import CfgBatcher, StreamOffload
+        from vramwise.offload.cfg_batching import CfgBatcher
+        from vramwise.offload.stream import StreamOffload
 
         t0 = time.time()
         with torch.device(dev):

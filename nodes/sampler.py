@@ -8,12 +8,9 @@ from ..vramwise.families import FAMILY_CLASSES
 from ..vramwise.families.base import GenerationRequest
 from ..vramwise.handles import VramwiseModel
 from ..vramwise.image_prep import ResizeMode, first_frame, fit_image
-from ..vramwise.device import host_available_bytes
 from ..vramwise.loader import CACHE
-from ..vramwise.memory import planner
-from ..vramwise.offload import OffloadMode
+from ..vramwise.memory.planned_run import generate_with_plan
 from ..vramwise.preview import latent_preview
-from ..vramwise.sampling import generate
 from ..vramwise.validation import validate_generation
 from . import comfy_bridge as comfy
 from .comfy_bridge import io
@@ -132,8 +129,9 @@ class VRAMWiseSampler(io.ComfyNode):
         if model.loaded.released:
             CACHE.revive(model.loaded, before_load=comfy.free_comfyui_models)
         observer = _ComfyObserver(steps, family.preview_latent_format)
-        plan_notes: list[str] = []
-        latent = _generate_planned(model, request, observer, vram_budget_gb, headroom_gb, plan_notes)
+        latent, plan_notes = generate_with_plan(
+            model, request, observer, vram_budget_gb, headroom_gb, free_others=comfy.free_comfyui_models
+        )
         info = "\n".join(
             [f"{family.label}: {width}x{height}, {num_frames} frames, {steps} steps, cfg {cfg:g}, seed {seed}",
              f"device: {comfy.environment_name()}"]
@@ -141,48 +139,3 @@ class VRAMWiseSampler(io.ComfyNode):
         )
         return io.NodeOutput(latent, info, ui=comfy.ui.PreviewText(info))
 
-
-def _generate_planned(model: VramwiseModel, request: GenerationRequest, observer: _ComfyObserver,
-                      vram_budget_gb: float, headroom_gb: float, report: list[str]):
-    """Run ``generate``; with offload_mode auto, pick/adjust the plan for this request and step down on OOM."""
-    loaded = model.loaded
-    auto = loaded.options.offload_mode is OffloadMode.AUTO
-    key = planner.key_of(loaded.pipe)
-
-    def current_plan() -> planner.Plan:
-        est = planner.plan_of(loaded.pipe) if loaded.pipe is not None else None
-        if est is not None:
-            return est.plan
-        return planner.Plan(loaded.options.offload_mode.value, fp8=loaded.options.weight_dtype.value.startswith("fp8"))
-
-    def free_all() -> None:
-        CACHE.release_all()
-        comfy.free_comfyui_models()
-
-    def step_down(plan: planner.Plan) -> None:
-        planner.set_floor(key, plan)
-        if not loaded.released:
-            free_all()
-        CACHE.revive(loaded, before_load=comfy.free_comfyui_models)
-
-    def describe() -> str:
-        run = loaded.family.run_info(loaded, request)
-        shape = planner.RunShape(run.latent_frames, run.latent_height, run.latent_width, run.do_cfg)
-        comp = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
-        est = planner.estimate(current_plan(), comp, shape)
-        if auto and loaded.device.type == "cuda":
-            budget = planner.vram_budget(loaded.device, vram_budget_gb or None, headroom_gb)
-            if est.vram_peak > budget:
-                better = planner.choose(comp, shape, budget, host_available_bytes(), planner.PLANS.index(est.plan))
-                if better.plan != est.plan:
-                    report.append(f"plan '{est.plan.describe()}' would need ~{est.vram_peak / 2**30:.1f} GiB "
-                                  f"(budget {budget / 2**30:.1f} GiB): switched to '{better.plan.describe()}'")
-                    step_down(better.plan)
-                    est = better
-        return ("auto " if auto else "") + est.describe()
-
-    report.append(describe())
-    if not auto:
-        return generate(model, request, observer)
-    return planner.run_with_step_down(lambda: generate(model, request, observer), current_plan, step_down,
-                                      free_all, report)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..vramwise.device import allocated_bytes, release_memory
 from ..vramwise.loader import CACHE
 from . import comfy_bridge as comfy

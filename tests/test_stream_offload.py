@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vramwise.errors import InputError
-from vramwise.offload.stream import CfgBatcher, StreamOffload, repeated_blocks
+from vramwise.offload.cfg_batching import CfgBatcher
+from vramwise.offload.stream import StreamOffload, repeated_blocks
 
 
 def _tiny_transformer(root, layers=None):

@@ -145,7 +145,7 @@ class EasyAnimateV51InP(Family):
     def load(self, folder: Path, torch_dtype: torch.dtype) -> Any:
         from diffusers import EasyAnimateInpaintPipeline
 
-        pipe = EasyAnimateInpaintPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        pipe = EasyAnimateInpaintPipeline.from_pretrained(folder, dtype=torch_dtype)
         # The pipeline reads vae.config.cache_mag_vae (True for the V5.1 Magvit VAE, from the upstream yaml) but
         # it is not an __init__ argument, so a vae/config.json without it makes the first run AttributeError.
         if "cache_mag_vae" not in pipe.vae.config:
@@ -158,6 +158,8 @@ class EasyAnimateV51InP(Family):
         inner = getattr(pipe.text_encoder, "model", None)
         if inner is not None and getattr(inner, "visual", None) is not None:
             inner.visual = None
+        # ComfyUI shows its own per-step progress; the pipeline's tqdm bar would only clutter the console.
+        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":

@@ -63,8 +63,10 @@ class I2VGenXL(Family):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = I2VGenXLPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+            pipe = I2VGenXLPipeline.from_pretrained(folder, dtype=torch_dtype)
         pipe.vae.disable_slicing()
+        # ComfyUI shows its own per-step progress; the pipeline's tqdm bar would only clutter the console.
+        pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":

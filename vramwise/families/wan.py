@@ -70,6 +70,10 @@ class _WanFamily(Family):
                 max_sequence_length=MAX_TEXT_TOKENS,
                 device=loaded.text_device,
             )
+        if negative_embeds is not None:
+            # Lets the stream engine batch both CFG passes from the very first step.
+            for batcher in getattr(pipe, "_vramwise_cfg_batchers", ()):
+                batcher.set_negative(negative_embeds.to(loaded.device))
         kwargs: dict[str, Any] = dict(
             image=request.image,
             prompt_embeds=prompt_embeds.to(loaded.device),

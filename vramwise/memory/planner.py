@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
+from ..device import is_oom
 from ..errors import VramwiseError
 from .estimates import FIXED_OVERHEAD, DenoiserShape, activation_bytes, tokens
 
@@ -160,12 +161,6 @@ def clear_floors() -> None:
 def next_plan(plan: Plan) -> Plan | None:
     i = PLANS.index(plan)
     return PLANS[i + 1] if i + 1 < len(PLANS) else None
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def run_with_step_down(
