@@ -33,6 +33,7 @@ PACK = "comfyui-vramwise"
 WRITER = "VRAMWiseVideoWriter"
 SETUP_HINT = "run `bash scripts/browser_setup.sh` (installs chromium and playwright-core)"
 LONG_STEPS = 200
+OTHER_FORMATS = {"image/webp": "webp", "image/png-frames": "png_frames"}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -77,6 +78,14 @@ def _job(server, object_info: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         after["add_nodes"] = [{"type": WRITER, "inputs": {"images": [decode["id"], 0]},
                                "widgets": {"format": "video/h264-mp4", "filename_prefix": "vramwise/browser_mp4"}}]
     actions += [after, {"type": "drop_outputs", "id": "drop_after_cancel", "from": "after_cancel"}]
+    # The same run written as animated WebP and as PNG frames: those files must carry the graph back too.
+    writer = _output_node(demo, object_info)
+    if writer["type"] == WRITER:
+        for fmt, run_id in OTHER_FORMATS.items():
+            actions += [
+                {"type": "run", "id": run_id, "workflow": demo, "set_widgets": {str(writer["id"]): {"format": fmt}}},
+                {"type": "drop_outputs", "id": f"drop_{run_id}", "from": run_id},
+            ]
     job = {"url": server.url, "screenshot_dir": str(SCREENSHOTS), "timeout_ms": 240000, "actions": actions}
     return job, add_writer
 
@@ -166,7 +175,7 @@ def test_demo_runs_from_the_ui_and_shows_its_output(browser, object_info):
 
 
 # -- 4. the produced files dropped back onto the canvas restore the graph ---------------------------------------
-@pytest.mark.parametrize("run_id", ["drop_demo", "drop_after_cancel"])
+@pytest.mark.parametrize("run_id", ["drop_demo", "drop_after_cancel", "drop_webp", "drop_png_frames"])
 def test_output_file_dropped_on_the_canvas_restores_the_graph(browser, object_info, run_id):
     r = _result(browser, run_id)
     assert r["drops"], "the run produced no file to drop"
@@ -176,6 +185,9 @@ def test_output_file_dropped_on_the_canvas_restores_the_graph(browser, object_in
         assert drop["missing_types"] == [], drop["file"]
         assert _graph_summary(restored["nodes"]) == _graph_summary(original["nodes"]), drop["file"]
         assert sorted(map(tuple, restored["links"])) == sorted(map(tuple, original["links"])), drop["file"]
+    suffixes = {"drop_webp": ".webp", "drop_png_frames": ".png"}
+    if run_id in suffixes:
+        assert all(d["file"]["filename"].endswith(suffixes[run_id]) for d in r["drops"]), r["drops"]
     if run_id == "drop_after_cancel" and (browser["added_writer"] or WRITER in object_info):
         assert any(d["file"]["filename"].endswith(".mp4") for d in r["drops"]), \
             f"{WRITER} is registered but no MP4 was dropped: {[d['file'] for d in r['drops']]}"

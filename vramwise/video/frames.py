@@ -164,7 +164,7 @@ def release_free_heap() -> None:
     Encoders allocate and free a few MB per frame (PyAV frames, libwebp's ARGB copies). glibc serves such
     sizes from the heap once one has been freed, and the small allocations the encoder keeps (its compressed
     output) pin the freed space, so RSS grew by a frame per frame: 81 frames of 720p WebP peaked 140-310 MB
-    above the clip, about 90 MB with a trim per chunk. A trim takes well under a millisecond here.
+    above the clip, 60-90 MB with a trim per chunk. A trim costs well under a millisecond.
     """
     trim = _malloc_trim()
     if trim is not None:
