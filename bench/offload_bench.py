@@ -124,7 +124,7 @@ def run_group(group: str, args) -> list[dict]:
         randomize(model)
         log(f"[{group}] built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params in {time.time() - t0:.1f}s")
         compiled = group == "ours_compiled"
-        if compiled:
+        if compiled and not args.skip_none:
             compile_blocks(model.blocks)
         torch.set_grad_enabled(False)
 
@@ -160,14 +160,19 @@ def run_group(group: str, args) -> list[dict]:
 
         if group in ("ours", "ours_compiled"):
             suffix = "+compile" if compiled else ""
-            for f in frames:
-                measure("none" + suffix, f)
+            if not args.skip_none:
+                for f in frames:
+                    measure("none" + suffix, f)
+                if compiled:  # the stream engine compiles its own (lean) pieces
+                    for b in model.blocks:
+                        b.__dict__.pop("forward", None)
             model.to("cpu")
             torch.cuda.empty_cache()
-            for fp8 in (False, True):
+            for fp8 in [v == "1" for v in args.fp8.split(",")]:
                 t0 = time.time()
                 eng = StreamOffload(model, dev, fp8_linear=fp8, ffn_chunk_tokens=args.ffn_chunk or None,
-                                    depth=args.depth or None)
+                                    depth=args.depth or None, compile_blocks=compiled, lean=bool(args.lean),
+                                    chunk_rows=args.chunk_rows or None)
                 log(f"[{group}] packed fp8={fp8} in {time.time() - t0:.1f}s: {eng.describe()}")
                 for f in frames:
                     measure(("stream+fp8" if fp8 else "stream") + suffix, f,
@@ -284,6 +289,10 @@ def main() -> None:
     ap.add_argument("--ffn-chunk", type=int, default=8192)
     ap.add_argument("--comfy-budget-gb", type=float, default=4.0)
     ap.add_argument("--only", default="")
+    ap.add_argument("--skip-none", action="store_true", help="skip the all-on-GPU rows (ours)")
+    ap.add_argument("--lean", type=int, default=1, help="stream: the lean chunked forward (1) or stock (0)")
+    ap.add_argument("--chunk-rows", type=int, default=0, help="lean forward chunk, batch x tokens rows")
+    ap.add_argument("--fp8", default="0,1", help="stream variants to run: 0 = bf16, 1 = fp8 storage")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
     if args.only:
@@ -294,7 +303,9 @@ def main() -> None:
     for group in args.groups.split(","):
         cmd = [sys.executable, __file__, "--only", group, "--frames", args.frames, "--layers", str(args.layers),
                "--repeat", str(args.repeat), "--depth", str(args.depth), "--ffn-chunk", str(args.ffn_chunk),
-               "--comfy-budget-gb", str(args.comfy_budget_gb)] + (["--quick"] if args.quick else [])
+               "--comfy-budget-gb", str(args.comfy_budget_gb), "--lean", str(args.lean), "--chunk-rows",
+               str(args.chunk_rows), "--fp8", args.fp8] + (["--quick"] if args.quick else [])
+        cmd += ["--skip-none"] if args.skip_none else []
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with open(Path(args.out) / f"bench_{group}.log", "w") as fh:

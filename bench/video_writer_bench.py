@@ -141,6 +141,10 @@ def run_case(writer: str, format_id: str, width: int, height: int, out_dir: str)
 
 
 def _load_plugins(names: list[str]) -> None:
+    # Plugins import this file as ``video_writer_bench``; when it runs as __main__ make that name this module,
+    # so what they register lands in the registries main() reads.
+    sys.modules.setdefault("video_writer_bench", sys.modules[__name__])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     for name in names:
         importlib.import_module(name)
 

@@ -3,8 +3,11 @@
 Transformer: original Wan names (optionally prefixed ``model.diffusion_model.``), in fp32/bf16, plain fp8 or
 fp8_scaled. Text encoder: transformers' UMT5 names plus the tokenizer as a ``spiece_model`` uint8 tensor
 (a SentencePiece model serialized here from the tiny tokenizer's unigram vocab). CLIP vision: transformers'
-names. VAE: diffusers' layout (the tiny VAE has one res block per stage, a structure the original-layout
-converter of diffusers does not express). Constants shapes cannot reveal go in ``vramwise_config`` metadata.
+names. VAE: either the tiny folder's VAE in diffusers' layout (one res block per stage, a structure the
+original-layout converter of diffusers does not express), or a tiny Wan2.1-structured VAE (dim_mult 1,2,4,4 and two
+res blocks per stage, like wan_2.1_vae.safetensors) in the original layout with no metadata at all. GGUF: the
+transformer in the original layout, F16 or quantized with gguf's own ``quantize``. Constants shapes cannot reveal
+go in ``vramwise_config`` metadata.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vramwise.single_file.keys import transformer_to_original
+from vramwise.single_file.keys import transformer_to_original, wan21_vae_to_original
 from vramwise.single_file.scaled_fp8 import scale_weights
 
 PREFIX = "model.diffusion_model."
@@ -48,6 +51,71 @@ def write_transformer(
         state = scale_weights(state)
     meta = _meta("transformer", {"attention_head_dim": config["attention_head_dim"], "rope_max_seq_len": config["rope_max_seq_len"]})
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
+    return out
+
+
+def write_transformer_gguf(
+    folder: Path, out: Path, qtype: str = "F16", *, component: str = "transformer", prefix: str = "", flatten_5d: bool = False
+) -> Path:
+    """The tiny transformer as a GGUF file in the original layout, as city96-style converters write Wan models.
+
+    qtype F16: every tensor of 2+ dims in F16. Q8_0 (or another gguf quant type): tensors of 2+ dims whose rows
+    split into whole quant blocks are quantized with ``gguf.quants.quantize``, the others stay F16 (the tiny
+    model's 24-wide rows do not fit 32-value Q8_0 blocks: only the 32-wide inputs get quantized); vectors stay F32.
+    flatten_5d: store 5-D tensors (the patch embedding) as 2-D with their real shape in
+    ``comfy.gguf.orig_shape.<name>`` (GGML tensors have at most 4 dims; converters for ComfyUI do this).
+    """
+    import gguf
+    import numpy as np
+
+    config = json.loads((Path(folder) / component / "config.json").read_text())
+    quant = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[quant][0]
+    writer = gguf.GGUFWriter(str(out), "wan")
+    writer.add_string("vramwise_config", json.dumps({"transformer": {
+        "attention_head_dim": config["attention_head_dim"], "rope_max_seq_len": config["rope_max_seq_len"]}}))
+    for name, v in diffusers_state(folder, component).items():
+        data = v.float().numpy()
+        key = transformer_to_original(name, prefix)
+        if flatten_5d and data.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(d) for d in data.shape])
+            data = data.reshape(data.shape[0], -1)
+        if data.ndim < 2:
+            writer.add_tensor(key, data.astype(np.float32))
+        elif quant in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) or data.shape[-1] % block:
+            writer.add_tensor(key, data.astype(np.float16))
+        else:
+            writer.add_tensor(key, gguf.quants.quantize(data, quant), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def tiny_wan21_vae():
+    """A tiny AutoencoderKLWan with the published Wan2.1 structure (dim_mult 1,2,4,4, two res blocks per stage)."""
+    from diffusers import AutoencoderKLWan
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2101)
+    try:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+    finally:
+        torch.random.set_rng_state(state)
+    # gamma scales are initialised to ones; random ones make a wrong norm mapping visible in the output.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for n, p in vae.named_parameters():
+            if n.endswith("gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return vae.eval()
+
+
+def write_wan21_vae_original(vae, out: Path, dtype=torch.float32) -> Path:
+    """``vae`` in the original key layout of wan_2.1_vae.safetensors, no metadata (as users have it)."""
+    state = {wan21_vae_to_original(k): v.to(dtype).contiguous() for k, v in vae.state_dict().items()}
+    save_file(state, str(out))
     return out
 
 
@@ -141,6 +209,9 @@ COMFY_WAN21_NAMES = {
 }
 
 
+COMFY_WAN21_GGUF = "wan2.1-i2v-14b-480p-Q8_0.gguf"
+
+
 def write_comfy_models(tiny_wan21: Path, models_dir: Path) -> dict[str, Path]:
     """Tiny Wan2.1 I2V stand-ins under ComfyUI's folders and the real file names (bf16 transformer)."""
     out = {}
@@ -153,7 +224,10 @@ def write_comfy_models(tiny_wan21: Path, models_dir: Path) -> dict[str, Path]:
             write_text_encoder(tiny_wan21, path, dtype=torch.bfloat16)
         elif key == "clip_vision":
             write_clip_vision(tiny_wan21, path)
-        else:
-            write_vae(tiny_wan21, path)
+        else:  # the original-layout Wan2.1 VAE, so the server runs the conversion users go through
+            write_wan21_vae_original(tiny_wan21_vae(), path, dtype=torch.bfloat16)
         out[key] = path
+    # A quantized diffusion model in models/unet (the other folder of 'diffusion_models'), for the listing.
+    (models_dir / "unet").mkdir(parents=True, exist_ok=True)
+    out["gguf"] = write_transformer_gguf(tiny_wan21, models_dir / "unet" / COMFY_WAN21_GGUF, "Q8_0", flatten_5d=True)
     return out

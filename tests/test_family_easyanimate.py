@@ -204,8 +204,8 @@ def test_progress_per_step_and_cancel(model: VramwiseModel, reference: torch.Ten
 
 @pytest.mark.parametrize(
     "mode,text_on_cpu",
-    [("model", False), ("group", False), ("sequential", False), ("model", True)],
-    ids=["model", "group", "sequential", "model+text_encoder_on_cpu"],
+    [("model", False), ("group", False), ("sequential", False), ("stream", False), ("model", True)],
+    ids=["model", "group", "sequential", "stream", "model+text_encoder_on_cpu"],
 )
 def test_offload_modes_match_resident(tiny_models_root: Path, reference: torch.Tensor, mode: str, text_on_cpu: bool) -> None:
     m = load(tiny_models_root, mode, text_on_cpu=text_on_cpu)
@@ -225,6 +225,8 @@ def test_weight_dtypes(tiny_models_root: Path, reference: torch.Tensor, dtype: s
         # Family-specific layers kept in compute precision: patch embedding and text projection.
         assert pipe.transformer.proj.weight.dtype == torch.bfloat16
         assert pipe.transformer.text_proj.weight.dtype == torch.bfloat16
+    else:
+        assert pipe.transformer.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
     latent = generate(m, request())
     assert latent.samples.shape == reference.shape and torch.isfinite(latent.samples).all()
     frames, _ = decode_latents(m, latent, TilingOptions(TilingMode.ON, tile=64, overlap=16))
@@ -257,3 +259,10 @@ def test_vae_config_without_cache_flag(tiny_models_root: Path, tmp_path: Path) -
     m = VramwiseModel(load_pipeline(options, CPU))
     assert m.loaded.pipe.vae.config.cache_mag_vae is True
     assert generate(m, request(steps=1)).samples.shape == (1, 16, 2, 8, 8)
+
+
+@pytest.mark.xfail(reason="the memory planner (vramwise/memory) cannot read this transformer's config yet "
+                          "(int patch_size)", raises=TypeError, strict=False)
+def test_auto_offload(tiny_models_root: Path, reference: torch.Tensor) -> None:
+    m = load(tiny_models_root, "auto")
+    assert torch.allclose(generate(m, request()).samples, reference, atol=1e-3)

@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 import single_file_helpers as sfh
 from vramwise.errors import InputError, ModelFolderError
 from vramwise.single_file import SingleFileSpec, detect_transformer
-from vramwise.single_file.keys import transformer_name_map, transformer_to_original
+from vramwise.single_file.keys import transformer_name_map, transformer_to_original, wan21_vae_to_original
+from vramwise.single_file.reader import read_header
 from vramwise.single_file.transformer import load_transformer
+from vramwise.single_file.vae import load_vae
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,6 +175,98 @@ def test_a14b_pair_assembles_two_experts(tiny_models_root, wan21, tmp_path):
     low = sfh.write_transformer(a14b, tmp_path / "low.safetensors", component="transformer_2")
     pipe = SingleFileSpec.create(**dict(wan21, diffusion_model=high, diffusion_model_2=low, clip_vision=None)).load(torch.float32)
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.9 and pipe.image_encoder is None
+
+
+@pytest.fixture(scope="module")
+def wan21_vae():
+    return sfh.tiny_wan21_vae()
+
+
+def test_wan21_vae_inverse_mapping_round_trips_through_diffusers_converter(wan21_vae):
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    names = list(wan21_vae.state_dict())
+    original = {wan21_vae_to_original(n): n for n in names}
+    assert len(original) == len(names)
+    assert "decoder.upsamples.4.shortcut.weight" in original and "decoder.middle.2.residual.6.weight" in original
+    assert convert_wan_vae_to_diffusers({o: o for o in original}) == {n: o for o, n in original.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan21_vae_in_the_original_layout_decodes_like_the_diffusers_model(wan21_vae, tmp_path, dtype):
+    # No metadata: the structure comes from the shipped Wan2.1 config, the widths from shapes, as for users' files.
+    path = sfh.write_wan21_vae_original(wan21_vae, tmp_path / "wan_2.1_vae.safetensors", dtype=dtype)
+    assert read_header(path).metadata == {}
+    got = load_vae(path, torch.float32, z_dim=16)
+    ref = wan21_vae
+    if dtype is torch.bfloat16:  # what a bf16 file holds: compare with the same rounded weights
+        ref = sfh.tiny_wan21_vae()
+        ref.load_state_dict({k: v.to(dtype).float() for k, v in ref.state_dict().items()})
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        out, want = got.decode(z).sample, ref.decode(z).sample
+        assert (want.abs() < 0.99).float().mean() > 0.9  # not saturated by the decoder's clamp
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.encode(video).latent_dist.mean, ref.encode(video).latent_dist.mean, atol=1e-5, rtol=0)
+
+
+def test_wan21_vae_with_another_structure_in_the_original_layout_is_refused(tiny_models_root, tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    small = AutoencoderKLWan.from_pretrained(tiny_models_root / "tiny-wan21-i2v" / "vae")  # one res block per stage
+    path = sfh.write_wan21_vae_original(small, tmp_path / "odd_vae.safetensors")
+    with pytest.raises(ModelFolderError, match="does not fit a Wan VAE"):
+        load_vae(path, torch.float32)
+
+
+def test_gguf_header_gives_names_real_shapes_and_metadata(tiny_models_root, tmp_path):
+    folder = tiny_models_root / "tiny-wan21-i2v"
+    path = sfh.write_transformer_gguf(folder, tmp_path / "q8.gguf", "Q8_0", prefix=sfh.PREFIX, flatten_5d=True)
+    header = read_header(path)
+    assert header.kind == "gguf" and header.reshaped == (sfh.PREFIX + "patch_embedding.weight",)
+    assert header.tensors[sfh.PREFIX + "patch_embedding.weight"].shape == (24, 36, 1, 2, 2)
+    assert header.tensors[sfh.PREFIX + "blocks.0.ffn.2.weight"].shape == (24, 32)
+    assert header.tensors[sfh.PREFIX + "blocks.0.ffn.2.weight"].dtype is None  # quantized
+    assert header.tensors[sfh.PREFIX + "blocks.0.self_attn.q.weight"].dtype is torch.float16  # 24-wide rows: F16
+    info = detect_transformer(path)
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    assert info.is_gguf and info.family_id == "wan2.1-i2v" and info.label.endswith("GGUF")
+    for key in ("in_channels", "out_channels", "num_layers", "num_attention_heads", "ffn_dim", "text_dim", "image_dim", "patch_size"):
+        assert info.config[key] == cfg[key], key
+
+
+@pytest.fixture(scope="module")
+def bf16_latents(tiny_models_root, tmp_path_factory, wan21):
+    path = sfh.write_transformer(tiny_models_root / "tiny-wan21-i2v", tmp_path_factory.mktemp("bf16") / "bf16.safetensors", variant="bf16")
+    return _latents(SingleFileSpec.create(**dict(wan21, diffusion_model=path)).load(torch.float32))
+
+
+@pytest.mark.parametrize("qtype,flatten", [("F16", False), ("Q8_0", True)])
+def test_gguf_pipeline_gives_latents_close_to_the_bf16_original(tiny_models_root, tmp_path, wan21, bf16_latents, qtype, flatten):
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    path = sfh.write_transformer_gguf(tiny_models_root / "tiny-wan21-i2v", tmp_path / f"{qtype}.gguf", qtype, flatten_5d=flatten)
+    pipe = SingleFileSpec.create(**dict(wan21, diffusion_model=path)).load(torch.float32)
+    ffn_out = pipe.transformer.blocks[0].ffn.net[2]
+    if qtype == "Q8_0":  # the 32-wide rows stay quantized, dequantized per layer at compute time
+        assert isinstance(ffn_out, GGUFLinear) and isinstance(ffn_out.weight, GGUFParameter)
+    else:
+        assert ffn_out.weight.dtype == torch.float32
+    got = _latents(pipe)
+    assert torch.isfinite(got).all()
+    # Reference: the bf16 file (8 mantissa bits: relative rounding <= 2^-9 per weight). F16 (11 bits) is finer.
+    # Q8_0 stores blocks of 32 weights as int8 times one scale (block max / 127): error <= block max / 254,
+    # ~0.4% of the largest weight of the block, the same order as bf16's own rounding. Through two layers and two
+    # steps both stay within 1% of the latents' range; a mis-mapped or mis-dequantized tensor is off by ~100%.
+    tol = 0.01 * bf16_latents.abs().max()  # measured: F16 and Q8_0 both ~0.2%
+    assert (got - bf16_latents).abs().max() < tol
+
+
+def test_gguf_with_fp8_storage_is_refused(tiny_models_root, tmp_path, wan21):
+    path = sfh.write_transformer_gguf(tiny_models_root / "tiny-wan21-i2v", tmp_path / "f16.gguf", "F16")
+    with pytest.raises(InputError, match="weight_dtype.*GGUF"):
+        SingleFileSpec.create(**dict(wan21, diffusion_model=path)).load(torch.bfloat16, keep_fp8=True)
 
 
 _RSS_SCRIPT = textwrap.dedent(

@@ -83,7 +83,7 @@ def test_cfg_batching_matches_two_passes(tiny_models_root):
     x, t, ctx, neg, img = _inputs(3)
     ref_c = model(x, t, ctx, img, return_dict=False)[0]
     ref_u = model(x, t, neg, img, return_dict=False)[0]
-    StreamOffload(model, torch.device("cpu"))
+    eng = StreamOffload(model, torch.device("cpu"))
     batcher = CfgBatcher(model)
     for _ in range(3):  # step 1 learns the negatives, later steps batch
         c = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, encoder_hidden_states_image=img,
@@ -99,6 +99,9 @@ def test_cfg_batching_matches_two_passes(tiny_models_root):
     assert batcher.stats["batched"] == 3
     torch.testing.assert_close(c.sample, ref_c, rtol=1e-4, atol=1e-5)
     batcher.detach()
+    # the batcher gives back what it wrapped: the engine's lean forward
+    assert model.__dict__.get("forward") == eng.lean._model_forward
+    eng.remove()
     assert "forward" not in model.__dict__
 
 

@@ -311,12 +311,13 @@ def test_two_expert_wan_merges_in_both_transformers(tiny_models_root):
 @pytest.mark.parametrize(
     "mode,dtype",
     [(OffloadMode.NONE, WeightDtype.BF16), (OffloadMode.MODEL, WeightDtype.BF16), (OffloadMode.GROUP, WeightDtype.BF16),
-     (OffloadMode.SEQUENTIAL, WeightDtype.BF16), (OffloadMode.NONE, WeightDtype.FP8_E4M3FN),
+     (OffloadMode.SEQUENTIAL, WeightDtype.BF16), (OffloadMode.STREAM, WeightDtype.BF16),
      (OffloadMode.GROUP, WeightDtype.FP8_E4M3FN)],
 )
 def test_composes_with_every_offload_mode_and_fp8(tiny_models_root, mode, dtype):
+    """Processors are not modules: offload hooks, fp8 casting and stream's batch-2 CFG forward are unaffected."""
     model = _load(tiny_models_root, MODELS["wan"], mode, dtype)
-    req = _request()
+    req = _request(num_frames=5)
     plain = generate(model, req).samples
     patch = _merge()
     merged = generate(model.with_patch(patch), req).samples

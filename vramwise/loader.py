@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .device import allocated_bytes, release_memory
-from .errors import ModelFolderError, VramwiseError
+from .errors import InputError, ModelFolderError, VramwiseError
 from .families import detect_family
 from .handles import LoadedPipeline
 from .offload import OffloadMode, apply_offload
@@ -41,6 +41,13 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     """Detect the family, load the weights (safetensors only), apply precision and offload placement."""
     source = options.source
     family = source.family() if source is not None else detect_family(options.folder)
+    refused = getattr(family, "unsupported_offload_modes", {}).get(options.offload_mode.value)
+    if refused:
+        usable = ", ".join(m.value for m in OffloadMode if m.value not in family.unsupported_offload_modes)
+        raise InputError(
+            "offload_mode", f"'{options.offload_mode.value}' does not work with {family.label}: {refused}.",
+            f"pick one of {usable}.",
+        )
     try:
         if source is not None:
             keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN

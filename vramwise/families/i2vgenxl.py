@@ -51,6 +51,14 @@ class I2VGenXL(Family):
     # Kept in bf16 under fp8 storage besides the generic patterns: the image-conditioning path, the fps and
     # context embedders and the first temporal transformer that sees conv_in's output.
     fp8_skip_patterns = ("fps_embedding", "context_embedding", "image_latents", "transformer_in")
+    # Offload modes this family refuses (the loader raises an InputError naming offload_mode), with the reason.
+    unsupported_offload_modes = {
+        "stream": (
+            "stream offload streams a model's repeated transformer blocks, and this UNet has none (its down, mid "
+            "and up blocks all differ and do not run in the order they are stored); its ~1.4B-parameter UNet fits "
+            "a few GB, so model or group offload cost little"
+        ),
+    }
 
     @classmethod
     def matches(cls, index: ModelIndex) -> bool:

@@ -38,6 +38,8 @@ _ALIGN = 256  # bytes; every tensor in a flat buffer starts on this boundary
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 # Share of MemAvailable (plus what the blocks already hold) that may be pinned.
 PINNED_SHARE = 0.85
+# Non-block modules copied in only while they run (see StreamOffload.transient).
+TRANSIENT_MODULES = ("condition_embedder",)
 
 
 def _align(n: int) -> int:
@@ -178,6 +180,9 @@ class StreamOffload:
         blocks: list[torch.nn.Module] | None = None,
         trace: bool = False,
         compile_blocks: bool = False,
+        lean: bool = True,
+        chunk_rows: int | None = None,
+        transient: tuple[str, ...] = TRANSIENT_MODULES,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -199,10 +204,26 @@ class StreamOffload:
         self.slot_bytes = max(l.nbytes for l in self.layouts)
         self.compute_dtype = self._compute_dtype()
         self.upcast_numel = max(l.fp8_numel for l in self.layouts)
+        # Modules outside the blocks that run once per forward before the blocks (Wan's condition embedder,
+        # ~0.5 GiB at 14B): held on the host and copied in only while they run, so they are not part of the peak.
+        block_ids = {id(b) for b in self.blocks}
+        self.transient = [m for m in (getattr(model, n, None) for n in transient)
+                          if isinstance(m, torch.nn.Module) and id(m) not in block_ids]
+        self.transient_layouts = [plan_layout(m) for m in self.transient]
         self._check_host(pinned_cap_bytes)
         self._pack()
         self._handles: list[Any] = []
         self._ffn_originals: list[tuple[torch.nn.Module, bool]] = []
+        self.lean: LeanWan | None = None
+        if lean:
+            from ..memory.lean_wan import DEFAULT_CHUNK_ROWS, LeanWan
+
+            candidate = LeanWan(model, self.blocks, self.compute_dtype, chunk_rows or DEFAULT_CHUNK_ROWS,
+                                compiled=compile_blocks and self.sync.cuda)
+            if candidate.blocks or candidate.model_forward:
+                self.lean = candidate
+            else:
+                candidate.remove()
         if ffn_chunk_tokens:
             self._chunk_ffn(int(ffn_chunk_tokens))
         self._compiled: list[torch.nn.Module] = []
@@ -244,7 +265,8 @@ class StreamOffload:
         return self.sync.cuda and torch.cuda.is_available()
 
     def _check_host(self, cap: int | None) -> None:
-        held = sum(_get(e).numel() * _get(e).element_size() for l in self.layouts for e in l.entries
+        held = sum(_get(e).numel() * _get(e).element_size() for l in self.layouts + self.transient_layouts
+                   for e in l.entries
                    if _get(e).device.type == "cpu")
         if cap is None:
             cap = int((host_available_bytes() + held) * PINNED_SHARE)
@@ -260,7 +282,7 @@ class StreamOffload:
 
     def _pack(self) -> None:
         """Move every block's tensors into its flat host buffer and point the block at views of it."""
-        for layout in self.layouts:
+        for layout in self.layouts + self.transient_layouts:
             host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.pin)
             for e in layout.entries:
                 view = _view(host, e)
@@ -272,6 +294,8 @@ class StreamOffload:
     def _chunk_ffn(self, chunk: int) -> None:
         """Run each block's feed-forward over slices of ``chunk`` tokens: row-wise identical, a fraction of the peak."""
         for b in self.blocks:
+            if "forward" in b.__dict__:  # the lean forward chunks the FFN itself
+                continue
             ffn = getattr(b, "ffn", None)
             if not isinstance(ffn, torch.nn.Module):
                 continue
@@ -302,6 +326,11 @@ class StreamOffload:
         for b in self.blocks:
             self._handles.append(b.register_forward_pre_hook(self._block_pre))
             self._handles.append(b.register_forward_hook(self._block_post))
+        for m, layout in zip(self.transient, self.transient_layouts):
+            self._handles.append(m.register_forward_pre_hook(
+                lambda mod, args, _l=layout: self._transient_in(_l)))
+            self._handles.append(m.register_forward_hook(
+                lambda mod, args, out, _l=layout: self._transient_out(_l)))
 
     def remove(self) -> None:
         """Detach the hooks (weights stay in the host buffers, usable on the CPU)."""
@@ -312,6 +341,9 @@ class StreamOffload:
         for b in self._compiled:
             b.__dict__.pop("forward", None)
         self._compiled.clear()
+        if self.lean is not None:
+            self.lean.remove()
+            self.lean = None
         for ffn, had in self._ffn_originals:
             if not had and "forward" in ffn.__dict__:
                 del ffn.forward
@@ -330,10 +362,11 @@ class StreamOffload:
                 walk(child)
 
         walk(self.model)
-        return out
+        transient = {id(m) for t in self.transient for m in t.modules()}
+        return [m for m in out if id(m) not in transient]
 
     def _move_resident(self, device: torch.device) -> None:
-        block_ids = {id(b) for b in self.blocks}
+        block_ids = {id(b) for b in self.blocks} | {id(m) for m in self.transient}
         for name, p in self.model.named_parameters(recurse=False):
             p.data = p.data.to(device)
         for name, b in list(self.model._buffers.items()):
@@ -359,8 +392,7 @@ class StreamOffload:
         self._slot_of.clear()
         self._ready.clear()
         self._next_slot = 0
-        if self.upcast_numel:
-            self._upcast = torch.empty(self.upcast_numel, dtype=self.compute_dtype, device=self.device)
+        self._upcast = None  # allocated on first need (blocks the lean forward covers stay fp8)
         self.active = True
         if self.fixed_depth is None and self.sync.cuda and self.measured_ratio is None:
             self._measure = []
@@ -371,7 +403,7 @@ class StreamOffload:
             return
         if self.sync.cuda:
             torch.cuda.synchronize(self.device)
-        for layout in self.layouts:
+        for layout in self.layouts + self.transient_layouts:
             for e in layout.entries:
                 _set(e, _view(layout.host, e))
         self._slots, self._slot_free, self._occupant = [], [], []
@@ -419,14 +451,30 @@ class StreamOffload:
         layout = self.layouts[i]
         flat = self._slots[slot]
         self.sync.wait(self._ready[i])
-        if layout.fp8_numel:
+        keep_fp8 = self.lean is not None and self.lean.covers(self.blocks[i])
+        if layout.fp8_numel and not keep_fp8:
+            if self._upcast is None:
+                self._upcast = torch.empty(self.upcast_numel, dtype=self.compute_dtype, device=self.device)
             up = self._upcast[:layout.fp8_numel]
             up.copy_(flat[:layout.fp8_numel].view(FP8_DTYPES[0]))
         for e in layout.entries:
-            if e.dtype in FP8_DTYPES:
+            if e.dtype in FP8_DTYPES and not keep_fp8:
                 _set(e, up[e.offset:e.offset + e.numel].view(e.shape))
             else:
                 _set(e, _view(flat, e))
+
+    def _transient_in(self, layout: BlockLayout) -> None:
+        if not self.active or self.device.type == "cpu":
+            return
+        flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        flat.copy_(layout.host, non_blocking=True)
+        for e in layout.entries:
+            _set(e, _view(flat, e))
+
+    def _transient_out(self, layout: BlockLayout) -> None:
+        # The GPU copy goes back to the allocator (same stream, so reuse is ordered after this module's kernels).
+        for e in layout.entries:
+            _set(e, _view(layout.host, e))
 
     def _block_pre(self, block: torch.nn.Module, args: Any) -> None:
         if not self.active:
@@ -487,8 +535,12 @@ class StreamOffload:
 
     def describe(self) -> str:
         kind = "pinned host" if self.pin else "host"
-        return (f"{len(self.blocks)} blocks streamed from {self.block_bytes / 2**30:.2f} GiB {kind} memory through "
+        text = (f"{len(self.blocks)} blocks streamed from {self.block_bytes / 2**30:.2f} GiB {kind} memory through "
                 f"{self.depth + 1} slots of {self.slot_bytes / 2**20:.0f} MiB")
+        if self.lean is not None:
+            text += f"; lean chunked forward on {len(self.lean.blocks)} blocks"
+            text += " (compiled pieces)" if self.lean.compiled else ""
+        return text
 
 
 # ---- placer -----------------------------------------------------------------------------------------------------

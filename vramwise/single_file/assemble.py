@@ -108,6 +108,13 @@ class SingleFileSpec:
         from .vae import load_vae
 
         info, info2 = self.check()
+        if keep_fp8 and (info.is_gguf or (info2 is not None and info2.is_gguf)):
+            raise InputError(
+                "weight_dtype",
+                f"'{self.diffusion_model.name}' is a GGUF file: its weights are already quantized, and fp8 storage "
+                "on top would cast the quantized blocks as if they were plain weights.",
+                "pick bf16 (or fp16) in 'weight_dtype'; the GGUF weights stay quantized and compute in that precision.",
+            )
         tokenizer = load_tokenizer(self.text_encoder)
         transformer = load_transformer(self.diffusion_model, info, torch_dtype, keep_fp8)
         transformer_2 = load_transformer(self.diffusion_model_2, info2, torch_dtype, keep_fp8) if info2 else None

@@ -66,3 +66,47 @@ def transformer_to_original(name: str, prefix: str = "") -> str:
     # diffusers' norm2 is the original norm3 (cross-attention norm) and the other way round.
     out = re.sub(r"^(blocks\.\d+)\.norm([23])\.", lambda m: f"{m.group(1)}.norm{5 - int(m.group(2))}.", out)
     return prefix + out
+
+
+# --- Wan2.1 VAE (AutoencoderKLWan, is_residual=False): diffusers names -> original names ---
+# The original decoder keeps one flat list per stage: (num_res_blocks + 1) residual blocks, then the upsampler;
+# with the published num_res_blocks=2 that is 4 entries per stage (the layout diffusers' converter assumes).
+_VAE_RESNET_PARTS = {"norm1.": "residual.0.", "conv1.": "residual.2.", "norm2.": "residual.3.", "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
+_VAE_TOP = {
+    "quant_conv.": "conv1.", "post_quant_conv.": "conv2.",
+    "encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.",
+    "encoder.norm_out.": "encoder.head.0.", "encoder.conv_out.": "encoder.head.2.",
+    "decoder.norm_out.": "decoder.head.0.", "decoder.conv_out.": "decoder.head.2.",
+}
+
+
+def _resnet_part(rest: str) -> str:
+    for new, old in _VAE_RESNET_PARTS.items():
+        if rest.startswith(new):
+            return old + rest[len(new):]
+    return rest  # resample / time_conv keep their names
+
+
+def wan21_vae_to_original(name: str, resnets_per_up_block: int = 3) -> str:
+    """A diffusers AutoencoderKLWan (Wan2.1 structure) parameter name in the original Wan / ComfyUI layout."""
+    for new, old in _VAE_TOP.items():
+        if name.startswith(new):
+            return old + name[len(new):]
+    m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", name)
+    if m:
+        side, kind, i, rest = m.groups()
+        if kind == "attentions":
+            return f"{side}.middle.1.{rest}"
+        return f"{side}.middle.{2 * int(i)}.{_resnet_part(rest)}"
+    m = re.match(r"^encoder\.down_blocks\.(\d+)\.(.*)$", name)
+    if m:
+        return f"encoder.downsamples.{m.group(1)}.{_resnet_part(m.group(2))}"
+    stride = resnets_per_up_block + 1
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$", name)
+    if m:
+        b, r, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        return f"decoder.upsamples.{stride * b + r}.{_resnet_part(rest)}"
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)$", name)
+    if m:
+        return f"decoder.upsamples.{stride * int(m.group(1)) + resnets_per_up_block}.{m.group(2)}"
+    return name

@@ -24,6 +24,9 @@ _ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# GGUF tensor types stored as plain floats; quantized types (Q8_0, Q4_K, ...) have no torch dtype (None).
+_GGUF_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+GGUF_ORIG_SHAPE = "comfy.gguf.orig_shape."
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The file metadata key holding constants shapes cannot reveal (JSON object); written by tools for small
 # non-standard models (the tests' tiny files), never needed for the published checkpoints.
@@ -42,6 +45,9 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     kind: str  # "safetensors" | "gguf"
+    # GGUF only: tensors stored in another shape than their real one (``comfy.gguf.orig_shape.*`` metadata);
+    # ``tensors`` holds the real shapes.
+    reshaped: tuple[str, ...] = ()
 
     def config_overrides(self, component: str) -> dict:
         raw = self.metadata.get(CONFIG_METADATA_KEY)
@@ -102,11 +108,26 @@ def _read_gguf_header(path: Path) -> Header:
         reader = GGUFReader(str(path))
     except Exception as e:  # the gguf reader raises assorted errors on damaged files
         raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+    metadata: dict[str, str] = {}
+    orig_shapes: dict[str, tuple[int, ...]] = {}
+    for key, fld in reader.fields.items():
+        try:
+            value = fld.contents()
+        except Exception:  # a field this gguf version cannot decode: not one we need
+            continue
+        if key.startswith(GGUF_ORIG_SHAPE):
+            # Converters that reshape a tensor (e.g. 5-D patch embeddings, rows that do not fit quant blocks)
+            # record its real shape here.
+            orig_shapes[key[len(GGUF_ORIG_SHAPE):]] = tuple(int(x) for x in value)
+        elif isinstance(value, str):
+            metadata[key] = value
     tensors = {}
     for t in reader.tensors:
         # GGUF stores shapes innermost-first.
-        tensors[t.name] = TensorInfo(None, tuple(int(x) for x in reversed(t.shape.tolist())))
-    return Header(path, tensors, {}, "gguf")
+        shape = orig_shapes.get(t.name) or tuple(int(x) for x in reversed(t.shape.tolist()))
+        tensors[t.name] = TensorInfo(_GGUF_DTYPES.get(t.tensor_type.name), shape)
+    reshaped = tuple(n for n in orig_shapes if n in tensors)
+    return Header(path, tensors, metadata, "gguf", reshaped)
 
 
 def strip_prefix(names: Iterable[str], prefixes: tuple[str, ...]) -> dict[str, str]:

@@ -39,15 +39,51 @@ def load_transformer(path: Path, info: ArchInfo, dtype: torch.dtype, keep_fp8: b
 
 
 def _load_gguf(path: Path, info: ArchInfo, dtype: torch.dtype):
-    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+    """A GGUF file (city96-style: original Wan names, F16/F32 plus quantized blocks) via diffusers' GGUF quantizer.
 
+    The tensors are read with diffusers' own ``load_gguf_checkpoint`` and renamed here (the same map as for
+    .safetensors: prefixes, and the FLF2V position embedding diffusers' converter leaves out), then handed to
+    ``from_single_file`` already in diffusers' names, so it skips its own conversion. Quantized linear weights
+    stay quantized (dequantized per layer at compute time, in ``dtype``). Tensors a converter reshaped (recorded
+    in ``comfy.gguf.orig_shape.*``, e.g. 5-D patch embeddings) are restored to their real shape, dequantized if
+    needed: diffusers' GGUF loader does not read that metadata.
+    """
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    header = read_header(path)
+    try:
+        raw = load_gguf_checkpoint(str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelFolderError(f"Could not read GGUF '{path.name}': {type(e).__name__}: {e}") from e
+    for name in header.reshaped:
+        t = raw[name]
+        if isinstance(t, GGUFParameter):
+            t = dequantize_gguf_tensor(t)
+        raw[name] = t.reshape(header.tensors[name].shape).to(dtype)
+    names = transformer_name_map(list(raw))
+    state = {target: raw[stored] for target, stored in names.items()}
+    del raw
+    config = dict(info.config)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        expected = set(WanTransformer3DModel.from_config(config).state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"'{path.name}' does not fit a {info.label} transformer: {len(missing)} missing tensors (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). It is another model or a damaged file."
+        )
     with tempfile.TemporaryDirectory(prefix="vramwise-cfg-") as tmp:
-        cfg = dict(info.config, _class_name="WanTransformer3DModel")
+        cfg = dict(config, _class_name="WanTransformer3DModel")
         (Path(tmp) / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
         try:
             return WanTransformer3DModel.from_single_file(
-                str(path),
+                state,
                 config=tmp,
+                local_files_only=True,
                 quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
                 torch_dtype=dtype,
             ).eval()
