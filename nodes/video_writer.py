@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..vramwise.errors import InputError
-from ..vramwise.video import EncodeOptions, available_formats, get_format, save_video
+from ..vramwise.video import EncodeOptions, available_formats, get_format, pix_fmts_for, save_video
 from . import comfy_bridge as comfy
 from .comfy_bridge import InputImpl, Types, io, ui
 from .types import CATEGORY
@@ -34,6 +34,20 @@ def _metadata(prompt: Any, extra_pnginfo: Any) -> dict[str, str] | None:
     for key, value in (extra_pnginfo or {}).items():
         meta[key] = json.dumps(value)
     return meta or None
+
+
+def _pix_fmt(format_id: str, pix_fmt: str) -> str | None:
+    """The pixel format to ask for, None for the format's own choice, or an error naming what would work."""
+    valid = pix_fmts_for(format_id)
+    if not valid or pix_fmt in valid:
+        return pix_fmt if valid else None
+    if pix_fmt == "yuv420p":
+        # The widget's default: formats without it (PNG frames, ProRes) pick their own default.
+        return None
+    raise InputError(
+        "pix_fmt", f"{format_id} cannot be written as {pix_fmt} with the installed FFmpeg.",
+        f"pick one of {', '.join(valid)}.",
+    )
 
 
 class VRAMWiseVideoWriter(io.ComfyNode):
@@ -63,7 +77,8 @@ class VRAMWiseVideoWriter(io.ComfyNode):
                 io.Boolean.Input("lossless", default=False,
                                  tooltip="Lossless WebP, or mathematically lossless H.264/H.265/VP9 (large files)."),
                 io.Combo.Input("pix_fmt", options=PIX_FMTS, default="yuv420p",
-                               tooltip="yuv420p plays everywhere; yuv444p keeps colour detail; 10le = 10-bit. Ignored by GIF/WebP."),
+                               tooltip="yuv420p plays everywhere; yuv444p keeps colour detail; 10le = 10-bit (H.264/H.265/AV1/ProRes). "
+                               "GIF and WebP pick their own; PNG frames take rgb24 or rgb48."),
                 io.Int.Input("loop_count", default=0, min=0, max=100, tooltip="GIF/WebP: 0 loops forever, N plays N times."),
                 io.Boolean.Input("pingpong", default=False, tooltip="Play forwards then backwards."),
                 io.Combo.Input("dither", options=DITHERS, default=DITHERS[0], tooltip="GIF palette dithering."),
@@ -71,7 +86,7 @@ class VRAMWiseVideoWriter(io.ComfyNode):
             ],
             outputs=[
                 io.String.Output(display_name="path", tooltip="The written file (or folder, for PNG frames)."),
-                io.Video.Output(display_name="video", tooltip="For core video nodes."),
+                io.Video.Output(display_name="video", tooltip="For core video nodes. For GIF/WebP/PNG it carries the input frames (not pingponged)."),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
@@ -88,8 +103,7 @@ class VRAMWiseVideoWriter(io.ComfyNode):
                              "connect the frames output of VRAMWise VAE Decode or any IMAGE batch.")
         spec = get_format(format)
         options = EncodeOptions(
-            crf=None if crf < 0 else crf, quality=quality, lossless=lossless,
-            pix_fmt=pix_fmt if spec.pix_fmts and pix_fmt in spec.pix_fmts else None,
+            crf=None if crf < 0 else crf, quality=quality, lossless=lossless, pix_fmt=_pix_fmt(format, pix_fmt),
             loop_count=loop_count, pingpong=pingpong, dither=dither,
         )
         base = comfy.output_directory() if save_output else comfy.temp_directory()

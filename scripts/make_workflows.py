@@ -163,7 +163,7 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
         ),
         "easyanimate_v51_i2v": (
             i2v_graph(object_info, model="EasyAnimateV5.1-7b-zh-InP-diffusers", prefix="vramwise/easyanimate_v51_i2v",
-                      end_image=True, fps=8.0,
+                      loader={"offload_mode": "model"}, end_image=True, fps=8.0,
                       sampler={"prompt": wan_prompt, "negative_prompt": "blurry, distorted, deformed, text, subtitles, static, ugly",
                                "width": 672, "height": 384, "num_frames": 49, "steps": 50, "cfg": 6.0, "seed": 42,
                                "shift": 1.0}),
@@ -171,7 +171,8 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
             "Disconnect the end frame for plain image-to-video. The older V5 (Bert + T5) folders are not supported.",
         ),
         "i2vgenxl_i2v": (
-            i2v_graph(object_info, model="i2vgen-xl", prefix="vramwise/i2vgenxl_i2v", fps=16.0,
+            i2v_graph(object_info, model="i2vgen-xl", prefix="vramwise/i2vgenxl_i2v", loader={"offload_mode": "model"},
+                      fps=16.0,
                       sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 1280, "height": 704,
                                "num_frames": 16, "steps": 50, "cfg": 9.0, "seed": 42, "shift": 1.0}),
             "I2VGen-XL (ali-vilab/i2vgen-xl, diffusers folder): 16 frames at 16 fps; any frame count works, sizes are multiples of 8. shift is not used.",

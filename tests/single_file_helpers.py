@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vramwise.single_file.keys import transformer_to_original, wan21_vae_to_original
+from vramwise.single_file.keys import transformer_to_original, wan21_vae_to_original, wan22_vae_to_original
 from vramwise.single_file.scaled_fp8 import scale_weights
 
 PREFIX = "model.diffusion_model."
@@ -110,6 +110,36 @@ def tiny_wan21_vae():
             if n.endswith("gamma"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
     return vae.eval()
+
+
+def tiny_wan22_vae():
+    """A tiny residual AutoencoderKLWan with the published Wan2.2 structure (patchify 2, 48 latent channels,
+    decoder wider than the encoder)."""
+    from diffusers import AutoencoderKLWan
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2202)
+    try:
+        vae = AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+            temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+            scale_factor_temporal=4, scale_factor_spatial=16,
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(8)
+        for n, p in vae.named_parameters():
+            if n.endswith("gamma"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return vae.eval()
+
+
+def write_wan22_vae_original(vae, out: Path, dtype=torch.float32) -> Path:
+    """``vae`` in the original key layout of wan2.2_vae.safetensors, no metadata."""
+    names = wan22_vae_to_original(list(vae.state_dict()))
+    save_file({names[k]: v.to(dtype).contiguous() for k, v in vae.state_dict().items()}, str(out))
+    return out
 
 
 def write_wan21_vae_original(vae, out: Path, dtype=torch.float32) -> Path:

@@ -89,3 +89,20 @@ def test_cancel_while_encoding_removes_the_partial_file(comfy_server):
     folder = comfy_server.output_dir / "cancelled"
     leftovers = list(folder.iterdir()) if folder.exists() else []
     assert leftovers == []
+
+
+def test_a_pixel_format_the_encoder_lacks_names_the_valid_ones(comfy_server):
+    from vramwise.video import pix_fmts_for
+
+    valid = pix_fmts_for("video/vp9-webm")
+    assert "rgb48" not in valid
+    error = execution_error(comfy_server.run(_image_clip_prompt("bad_pix", 2, format="video/vp9-webm", pix_fmt="rgb48")))
+    assert error is not None and "pix_fmt" in error["exception_message"]
+    assert all(v in error["exception_message"] for v in valid)
+
+
+def test_png_frames_ignore_the_default_yuv_choice_and_write_a_sequence(comfy_server):
+    entry = comfy_server.run(_image_clip_prompt("frames/seq", 3, format="image/png-frames"))
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    path, _ = _written(comfy_server, entry)
+    assert path.suffix == ".png" and len(list(path.parent.glob("*.png"))) == 3

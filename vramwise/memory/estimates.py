@@ -19,6 +19,13 @@ import torch
 
 ACT_BYTES_PER_TOKEN_HIDDEN_EAGER = 21.6
 ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
+# Lean chunked forward (memory/lean_wan.py): the whole-sequence tensors alive in a block are the hidden states
+# (x2 when compiled: input and output) plus keys and values, plus one chunk's temporaries.
+LEAN_SEQUENCE_TENSORS = 4
+LEAN_CHUNK_BYTES = int(0.4 * 2**30)
+# A component streamed leaf by leaf (offload.stream.STREAM_OTHERS_ABOVE) needs its largest leaf (UMT5-XXL's
+# 2.1 GB token embedding) plus activations.
+STREAMED_COMPONENT_PEAK = int(2.5 * 2**30)
 # Allocator slack and CUDA context outside torch's count.
 FIXED_OVERHEAD = int(0.6 * 2**30)
 
@@ -101,3 +108,7 @@ def tokens(latent_frames: int, latent_height: int, latent_width: int, patch: tup
 def activation_bytes(n_tokens: int, hidden: int, batch: int, compiled: bool = False) -> int:
     factor = ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED if compiled else ACT_BYTES_PER_TOKEN_HIDDEN_EAGER
     return int(n_tokens * batch * hidden * factor)
+
+
+def lean_activation_bytes(n_tokens: int, hidden: int, batch: int) -> int:
+    return int(LEAN_SEQUENCE_TENSORS * n_tokens * batch * hidden * 2 + LEAN_CHUNK_BYTES)

@@ -103,6 +103,15 @@ def tail_piece(x, shift, scale, eps: float, w, b):
 
 
 PIECES = {f.__name__: f for f in (kv_piece, self_attn_piece, cross_attn_piece, ffn_piece, tail_piece)}
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_pieces() -> dict[str, Callable]:
+    """The pieces under torch.compile (created once per process; graphs are cached per chunk shape and dtype)."""
+    if not _COMPILED:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED.update({k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in PIECES.items()})
+    return _COMPILED
 
 
 # ---- structure checks ---------------------------------------------------------------------------------------------
@@ -177,11 +186,9 @@ class LeanWan:
         self.model = model
         self.compute_dtype = compute_dtype
         self.chunk_rows = max(1, int(chunk_rows))
-        self.compiled = compiled
+        self.compiled = False
         self._pieces: dict[str, Callable] = dict(PIECES)
-        if compiled:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._pieces = {k: torch.compile(f, fullgraph=True, dynamic=False) for k, f in PIECES.items()}
+        self.set_compiled(compiled)
         self._owned: torch.Tensor | None = None
         self.blocks: list[torch.nn.Module] = []
         self.stats = {"lean_blocks": 0, "stock_blocks": 0}
@@ -193,6 +200,10 @@ class LeanWan:
         self.model_forward = model_supported(model)
         if self.model_forward:
             model.forward = self._model_forward
+
+    def set_compiled(self, on: bool) -> None:
+        self.compiled = bool(on)
+        self._pieces = compiled_pieces() if self.compiled else dict(PIECES)
 
     def covers(self, block: torch.nn.Module) -> bool:
         """Whether ``block``'s next call runs the lean forward (so its fp8 weights may stay fp8)."""

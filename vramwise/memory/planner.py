@@ -15,7 +15,8 @@ import torch
 
 from ..device import is_oom
 from ..errors import VramwiseError
-from .estimates import FIXED_OVERHEAD, DenoiserShape, activation_bytes, tokens
+from .estimates import (FIXED_OVERHEAD, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
+                        lean_activation_bytes, tokens)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,9 +94,10 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
             weights = comp.denoiser_bytes  # both experts stay resident
             peak = weights + sum(comp.others.values()) + act
         elif plan.offload == "stream":
+            # lean chunked forward: fp8 blocks stay fp8 in the slots, upcast one Linear at a time
             store = d.block_bytes // 2 if plan.fp8 else d.block_bytes
-            slots = 2 * store + (d.block_bytes if plan.fp8 else 0)  # two slots + the upcast buffer
-            peak = d.non_block_bytes + slots + act
+            slots = 2 * store + (d.block_bytes * 2 // 5 if plan.fp8 else 0)
+            peak = d.non_block_bytes + slots + lean_activation_bytes(n, d.hidden, batch)
             pinned += store * d.layers
         elif plan.offload == "model":
             peak = d.total_bytes + act
@@ -104,7 +106,11 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
         else:  # sequential: one layer at a time
             peak = d.non_block_bytes // 4 + d.block_bytes // 8 + act
         d_peak = max(d_peak, peak)
-    encoders = max(comp.others.values(), default=0)
+    if plan.offload in ("stream", "sequential"):
+        # big components (the UMT5-XXL text encoder) stream layer by layer in these plans
+        encoders = max((min(v, STREAMED_COMPONENT_PEAK) for v in comp.others.values()), default=0)
+    else:
+        encoders = max(comp.others.values(), default=0)
     vram = max(d_peak, encoders, comp.vae_decode_peak) + FIXED_OVERHEAD
     weights_host = comp.denoiser_bytes // (2 if plan.fp8 else 1) + sum(comp.others.values())
     return Estimate(plan, int(vram), int(weights_host), int(pinned))

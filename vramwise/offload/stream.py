@@ -533,6 +533,22 @@ class StreamOffload:
             # Takes effect at the next run's activation (slots are sized then).
             self.depth = want
 
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compiled) or (self.lean is not None and self.lean.compiled)
+
+    def set_compile(self, on: bool) -> None:
+        """Turn regional compilation on or off (never on the CPU); takes effect at the next forward."""
+        on = bool(on) and self.sync.cuda
+        if self.lean is not None:
+            self.lean.set_compiled(on)
+        if on and not self._compiled:
+            self._compile_blocks()
+        elif not on:
+            for b in self._compiled:
+                b.__dict__.pop("forward", None)
+            self._compiled.clear()
+
     def describe(self) -> str:
         kind = "pinned host" if self.pin else "host"
         text = (f"{len(self.blocks)} blocks streamed from {self.block_bytes / 2**30:.2f} GiB {kind} memory through "
@@ -544,15 +560,43 @@ class StreamOffload:
 
 
 # ---- placer -----------------------------------------------------------------------------------------------------
+def compile_available() -> bool:
+    """Regional compilation needs a CUDA device and Triton (inductor's GPU code generator)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing or broken Triton: run eager
+        return False
+    return True
+
+
+def resolve_compile(choice: str | bool | None) -> bool:
+    """``auto``/None: on where it can work (CUDA + Triton); ``on``/``off`` as asked (never on the CPU)."""
+    if isinstance(choice, bool):
+        return choice and torch.cuda.is_available()
+    if choice in (None, "auto"):
+        return compile_available()
+    return choice == "on" and torch.cuda.is_available()
+
+
+# Non-denoiser components bigger than this (UMT5-XXL, ~11 GB) stream layer by layer while they run instead of
+# moving to the GPU whole, so the stream plans fit cards smaller than the text encoder.
+STREAM_OTHERS_ABOVE = 4 * 2**30
+
+
 @dataclass
 class StreamSettings:
     fp8_linear: bool = False
     depth: int | None = None
     max_depth: int = 3
     pinned_cap_bytes: int | None = None
-    ffn_chunk_tokens: int | None = 8192
+    ffn_chunk_tokens: int | None = 8192  # stock-forward blocks only; the lean forward chunks everything itself
     cfg_batching: bool = True
-    compile_blocks: bool = False
+    compile_blocks: bool | str = "auto"  # "auto": on with CUDA + Triton (see resolve_compile)
+    lean: bool = True
+    chunk_rows: int | None = None
+    stream_others_above: int | None = STREAM_OTHERS_ABOVE
 
 
 SETTINGS = StreamSettings()
@@ -566,13 +610,22 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
 
     from .modes import components
 
+    from ..precision import module_bytes
+
     denoisers = set(denoisers)
     engines: list[StreamOffload] = []
     batchers: list[CfgBatcher] = []
     hooks = []
     previous = None
+    above = SETTINGS.stream_others_above
     for name, module in components(pipe, skip):
         if name in denoisers:
+            continue
+        if device.type == "cuda" and above is not None and module_bytes(module) > above:
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
+                                   offload_type="leaf_level", use_stream=True, non_blocking=True)
             continue
         _, previous = cpu_offload_with_hook(module, device, prev_module_hook=previous)
         hooks.append(previous)
@@ -589,7 +642,8 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
         eng = StreamOffload(
             module, device, depth=SETTINGS.depth, max_depth=SETTINGS.max_depth, fp8_linear=SETTINGS.fp8_linear,
             pinned_cap_bytes=SETTINGS.pinned_cap_bytes, ffn_chunk_tokens=SETTINGS.ffn_chunk_tokens,
-            compile_blocks=SETTINGS.compile_blocks,
+            compile_blocks=resolve_compile(SETTINGS.compile_blocks) and device.type == "cuda", lean=SETTINGS.lean,
+            chunk_rows=SETTINGS.chunk_rows,
         )
         eng.on_activate = offload_others
         engines.append(eng)
@@ -610,4 +664,5 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
     return release
 
 
-__all__ = ["StreamOffload", "place_stream", "StreamSettings", "SETTINGS", "repeated_blocks"]
+__all__ = ["StreamOffload", "place_stream", "StreamSettings", "SETTINGS", "repeated_blocks", "compile_available",
+           "resolve_compile"]

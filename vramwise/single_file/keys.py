@@ -110,3 +110,65 @@ def wan21_vae_to_original(name: str, resnets_per_up_block: int = 3) -> str:
     if m:
         return f"decoder.upsamples.{stride * int(m.group(1)) + resnets_per_up_block}.{m.group(2)}"
     return name
+
+
+# --- Wan2.2 VAE (AutoencoderKLWan, is_residual=True) ---
+# Original layout (Wan2.2 repo / ComfyUI's wan2.2_vae.safetensors): every stage is a module holding its own list,
+# ``encoder.downsamples.{i}.downsamples.{j}`` / ``decoder.upsamples.{i}.upsamples.{j}``: the residual blocks, then
+# (except in the last stage) the resampler at the next index. diffusers names the same modules
+# ``down_blocks.{i}.resnets.{j}`` + ``down_blocks.{i}.downsampler`` (``up_blocks`` / ``upsampler`` in the decoder).
+# Top-level convs, heads and middle blocks are named as in Wan2.1. diffusers 0.42.1 has no converter for this one.
+_VAE_TOP_FORWARD = {old: new for new, old in _VAE_TOP.items()}
+_VAE_RESNET_FORWARD = {old: new for new, old in _VAE_RESNET_PARTS.items()}
+
+
+def _resnet_part_forward(rest: str) -> str:
+    for old, new in _VAE_RESNET_FORWARD.items():
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def wan22_vae_to_diffusers(name: str) -> str:
+    """An original Wan2.2 VAE tensor name in diffusers' AutoencoderKLWan(is_residual=True) naming."""
+    m = re.match(r"^(encoder|decoder)\.middle\.(\d+)\.(.*)$", name)
+    if m:
+        side, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        if i == 1:
+            return f"{side}.mid_block.attentions.0.{rest}"
+        return f"{side}.mid_block.resnets.{i // 2}.{_resnet_part_forward(rest)}"
+    m = re.match(r"^(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.(?:downsamples|upsamples)\.(\d+)\.(.*)$", name)
+    if m:
+        stage, i, rest = m.group(1), m.group(2), m.group(4)
+        blocks, sampler = ("encoder.down_blocks", "downsampler") if stage.startswith("encoder") else ("decoder.up_blocks", "upsampler")
+        if rest.startswith(("resample.", "time_conv.")):
+            return f"{blocks}.{i}.{sampler}.{rest}"
+        return f"{blocks}.{i}.resnets.{m.group(3)}.{_resnet_part_forward(rest)}"
+    for old, new in _VAE_TOP_FORWARD.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def wan22_vae_to_original(names: list[str]) -> dict[str, str]:
+    """{diffusers name: original name} for the parameters of a residual AutoencoderKLWan (tools and tests)."""
+    resnets: dict[str, int] = {}
+    for n in names:
+        m = re.match(r"^((?:encoder\.down|decoder\.up)_blocks\.\d+)\.resnets\.(\d+)\.", n)
+        if m:
+            resnets[m.group(1)] = max(resnets.get(m.group(1), 0), int(m.group(2)) + 1)
+    out = {}
+    for n in names:
+        m = re.match(r"^(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.*)$", n)
+        if m:
+            kind, i, which, j, rest = m.groups()
+            stage = "encoder.downsamples" if kind.startswith("encoder") else "decoder.upsamples"
+            inner = stage.split(".")[1]
+            if j is None:  # the resampler follows the residual blocks of its stage
+                j, part = resnets[f"{kind}_blocks.{i}"], rest
+            else:
+                part = _resnet_part(rest)
+            out[n] = f"{stage}.{i}.{inner}.{j}.{part}"
+        else:
+            out[n] = wan21_vae_to_original(n)
+    return out
