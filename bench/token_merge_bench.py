@@ -158,9 +158,6 @@ def bench_wan(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         finally:
             handle.detach()
         rows.append(row)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

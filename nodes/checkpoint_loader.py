@@ -65,7 +65,10 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
                 io.Combo.Input(
                     "diffusion_model",
                     options=_options("diffusion_model"),
-                    tooltip="Wan2.1 I2V/FLF2V 14B, Wan2.2 I2V-A14B high-noise expert, or Wan2.2 TI2V-5B (models/diffusion_models or models/unet).",
+                    tooltip=(
+                        "Wan2.1 I2V/FLF2V 14B, Wan2.2 I2V-A14B high-noise expert, or Wan2.2 TI2V-5B (models/diffusion_models "
+                        "or models/unet): .safetensors (bf16, fp16, fp8_e4m3fn, fp8_scaled) or .gguf (F16, Q8_0, Q4_K...)."
+                    ),
                 ),
                 io.Combo.Input(
                     "diffusion_model_2",
@@ -80,7 +83,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
                     default=NONE,
                     tooltip="clip_vision_h.safetensors for Wan2.1 I2V/FLF2V; none for Wan2.2.",
                 ),
-                io.Combo.Input("vae", options=_options("vae"), tooltip="wan_2.1_vae.safetensors (Wan2.1 and Wan2.2 A14B)."),
+                io.Combo.Input("vae", options=_options("vae"), tooltip="wan_2.1_vae.safetensors (Wan2.1 and Wan2.2 A14B) or wan2.2_vae.safetensors (Wan2.2 TI2V-5B) (models/vae)."),
                 *_shared_inputs(),
             ],
             outputs=[VramwiseModelType.Output(display_name="model")],

@@ -31,7 +31,9 @@ class VRAMWiseTokenMerge(io.ComfyNode):
                     "ratio", default=0.5, min=0.0, max=MAX_RATIO, step=0.05, round=0.01,
                     tooltip=(
                         "Share of the tokens merged away in each merged attention (0.5 = half the keys). "
-                        "0 turns merging off exactly. Above ~0.6 fine detail and small motion suffer."
+                        "0 turns merging off exactly. Measured on an H200, Wan 14B 480x832x81, per forward: "
+                        "0.5 = 1.07x faster, 0.75 = 1.29x; below ~0.4 merging costs more than it saves. "
+                        "Higher ratios lose more fine detail and small motion."
                     ),
                 ),
                 io.Float.Input(

@@ -6,6 +6,7 @@ import pytest
 
 from api_prompts import i2v_prompt, saved_files
 from comfy_harness import execution_error
+from single_file_helpers import COMFY_WAN21_GGUF
 
 pytestmark = pytest.mark.server
 
@@ -32,6 +33,8 @@ def test_lists_comfy_folders_and_shares_the_model_loader_options(comfy_server):
     node = info["VRAMWiseCheckpointLoader"]["input"]
     required = {**node["required"], **node.get("optional", {})}
     assert FILES["diffusion_model"] in required["diffusion_model"][1]["options"]
+    # .gguf files are listed too, from models/unet as well as models/diffusion_models.
+    assert COMFY_WAN21_GGUF in required["diffusion_model"][1]["options"]
     assert required["diffusion_model_2"][1]["options"][0] == "none"
     assert required["clip_vision"][1]["options"][0] == "none"
     assert FILES["vae"] in required["vae"][1]["options"]
@@ -46,6 +49,19 @@ def test_runs_from_single_files(comfy_server):
     assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
     assert len(saved_files(entry)) == 1
     assert "Wan2.1 I2V" in entry["outputs"]["2"]["text"][0]
+
+
+def test_runs_from_a_gguf_diffusion_model(comfy_server):
+    entry = comfy_server.run(_prompt(diffusion_model=COMFY_WAN21_GGUF))
+    assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
+    assert COMFY_WAN21_GGUF in entry["outputs"]["2"]["text"][0]
+
+
+def test_gguf_with_fp8_weights_is_a_clear_error(comfy_server):
+    graph = _prompt(diffusion_model=COMFY_WAN21_GGUF)
+    graph["2"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    err = execution_error(comfy_server.run(graph))
+    assert err is not None and "weight_dtype" in err["exception_message"] and "GGUF" in err["exception_message"]
 
 
 def test_wan21_without_clip_vision_is_a_clear_error(comfy_server):

@@ -49,7 +49,8 @@ def test_merged_run_succeeds_and_ratio_zero_or_bypass_gives_the_plain_video(comf
     entry = comfy_server.run(_with_token_merge(i2v_prompt(**kw)))
     merged = _frames(comfy_server, entry)
     assert len(merged) == 9
-    assert "token merge: ratio 0.5" in entry["outputs"]["3"]["text"][0]  # the sampler's info lists the patch
+    assert "token merge: ratio 0.5" in entry["outputs"][MERGE_ID]["text"][0]
+    assert "token_merge" in entry["outputs"]["3"]["text"][0]  # the sampler's info lists the patch
     assert merged != plain
     off = _frames(comfy_server, comfy_server.run(_with_token_merge(i2v_prompt(**kw), ratio=0.0)))
     assert off == plain

@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 import single_file_helpers as sfh
 from vramwise.errors import InputError, ModelFolderError
 from vramwise.single_file import SingleFileSpec, detect_transformer
-from vramwise.single_file.keys import transformer_name_map, transformer_to_original, wan21_vae_to_original
+from vramwise.single_file.keys import (
+    transformer_name_map, transformer_to_original, wan21_vae_to_original, wan22_vae_to_diffusers, wan22_vae_to_original,
+)
 from vramwise.single_file.reader import read_header
 from vramwise.single_file.transformer import load_transformer
 from vramwise.single_file.vae import load_vae
@@ -82,7 +84,7 @@ def test_other_components_picked_as_diffusion_model_are_named(wan21):
 def test_single_files_give_the_same_latents_as_the_diffusers_folder(tiny_models_root, wan21):
     from diffusers import WanImageToVideoPipeline
 
-    ref = WanImageToVideoPipeline.from_pretrained(tiny_models_root / "tiny-wan21-i2v", torch_dtype=torch.float32)
+    ref = WanImageToVideoPipeline.from_pretrained(tiny_models_root / "tiny-wan21-i2v", dtype=torch.float32)
     pipe = SingleFileSpec.create(**wan21).load(torch.float32)
     assert pipe.tokenizer("a yellow ball").input_ids == ref.tokenizer("a yellow ball").input_ids
     torch.testing.assert_close(_latents(pipe), _latents(ref), atol=1e-5, rtol=0)
@@ -218,6 +220,38 @@ def test_wan21_vae_with_another_structure_in_the_original_layout_is_refused(tiny
     path = sfh.write_wan21_vae_original(small, tmp_path / "odd_vae.safetensors")
     with pytest.raises(ModelFolderError, match="does not fit a Wan VAE"):
         load_vae(path, torch.float32)
+
+
+def test_wan22_vae_mapping_round_trips(tiny_models_root):
+    # The original names were checked once against ComfyUI's own Wan2.2 VAE module (comfy.ldm.wan.vae2_2, same
+    # tiny sizes): identical names, strict load, decode equal to diffusers' within 1.3e-6.
+    from diffusers import AutoencoderKLWan
+
+    # The published structure (2 res blocks per stage) and the tiny folder's (1 per stage: resamplers move up).
+    for vae in (AutoencoderKLWan.from_pretrained(tiny_models_root / "tiny-wan22-ti2v-5b" / "vae"), sfh.tiny_wan22_vae()):
+        names = list(vae.state_dict())
+        original = wan22_vae_to_original(names)
+        assert len(set(original.values())) == len(names)
+        assert {wan22_vae_to_diffusers(o): n for n, o in original.items()} == {n: n for n in names}
+    assert original["decoder.up_blocks.0.upsampler.time_conv.weight"] == "decoder.upsamples.0.upsamples.3.time_conv.weight"
+    assert original["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"] == "encoder.downsamples.1.downsamples.0.shortcut.weight"
+
+
+def test_wan22_vae_in_the_original_layout_decodes_like_the_diffusers_model(tmp_path):
+    ref = sfh.tiny_wan22_vae()
+    path = sfh.write_wan22_vae_original(ref, tmp_path / "wan2.2_vae.safetensors")
+    got = load_vae(path, torch.float32, z_dim=48)
+    assert (got.config.is_residual, got.config.patch_size, got.config.decoder_base_dim, got.config.scale_factor_spatial) == (True, 2, 12, 16)
+    assert len(got.config.latents_mean) == 48  # the published Wan2.2 statistics (shipped config)
+    z = torch.randn(1, 48, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        assert (want.abs() < 0.99).float().mean() > 0.9
+        torch.testing.assert_close(got.decode(z).sample, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.encode(video).latent_dist.mean, ref.encode(video).latent_dist.mean, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="48 latent channels.*16.*wan_2.1_vae"):
+        load_vae(path, torch.float32, z_dim=16)
 
 
 def test_gguf_header_gives_names_real_shapes_and_metadata(tiny_models_root, tmp_path):
