@@ -104,3 +104,12 @@ def test_floors_raise_the_auto_choice():
     planner.set_floor("k", planner.PLANS[1])
     assert planner.floor_for("k") == 2
     planner.clear_floors()
+
+
+def test_shapes_read_unet_and_easyanimate_style_configs():
+    from vramwise.memory.estimates import DenoiserShape
+
+    unet = DenoiserShape.from_config({"num_attention_heads": None, "attention_head_dim": [64, 64, 64, 64]}, 10**9)
+    assert unet.hidden == 40 * 64 and unet.patch == (1, 2, 2)
+    dit = DenoiserShape.from_config({"num_attention_heads": 48, "attention_head_dim": 64, "patch_size": 2}, 10**9)
+    assert dit.patch == (1, 2, 2) and dit.hidden == 3072

@@ -61,6 +61,23 @@ def folder_component_bytes(folder: Path) -> dict[str, int]:
     return out
 
 
+def _as_int(value: Any, default: int) -> int:
+    """Config numbers come as ints, per-level lists (UNets) or None; take the largest level."""
+    if isinstance(value, (list, tuple)):
+        value = max((v for v in value if v is not None), default=None)
+    return int(value) if value is not None else default
+
+
+def _as_patch(value: Any) -> tuple[int, int, int]:
+    """Patch sizes come as (t, h, w), as one int for square spatial patches (EasyAnimate), or not at all (UNets)."""
+    if value is None:
+        return (1, 2, 2)
+    if isinstance(value, int):
+        return (1, value, value)
+    dims = tuple(int(v) for v in value)
+    return dims if len(dims) == 3 else (1,) + (dims[-2:] if len(dims) >= 2 else (dims[0], dims[0]))
+
+
 @dataclass(frozen=True)
 class DenoiserShape:
     """What the activation estimate needs of a denoiser."""
@@ -74,16 +91,16 @@ class DenoiserShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], total_bytes: int) -> "DenoiserShape":
-        heads = int(config.get("num_attention_heads", 40))
-        head_dim = int(config.get("attention_head_dim", 128))
+        heads = _as_int(config.get("num_attention_heads"), 40)
+        head_dim = _as_int(config.get("attention_head_dim"), 128)
         hidden = heads * head_dim
-        layers = max(1, int(config.get("num_layers", 40)))
-        ffn = int(config.get("ffn_dim", 4 * hidden))
+        layers = max(1, _as_int(config.get("num_layers"), 40))
+        ffn = _as_int(config.get("ffn_dim"), 4 * hidden)
         added = config.get("added_kv_proj_dim")
         # attn1: 4 x h^2, attn2: 4 x h^2 (+2 x added x h for image keys/values), ffn: 2 x h x ffn, bytes in bf16
         per_block = (8 * hidden * hidden + 2 * hidden * ffn + (2 * int(added) * hidden if added else 0)) * 2
         per_block = min(per_block, total_bytes // layers)
-        patch = tuple(config.get("patch_size", (1, 2, 2)))
+        patch = _as_patch(config.get("patch_size"))
         return cls(hidden, layers, per_block, max(0, total_bytes - per_block * layers), total_bytes, patch)
 
     @classmethod
@@ -94,10 +111,10 @@ class DenoiserShape:
         total = nbytes(module)
         block = max((nbytes(b) for b in blocks), default=0)
         config = dict(getattr(module, "config", {}) or {})
-        heads = int(config.get("num_attention_heads", 1))
-        hidden = heads * int(config.get("attention_head_dim", 1)) if config else 1
+        heads = _as_int(config.get("num_attention_heads"), 1)
+        hidden = heads * _as_int(config.get("attention_head_dim"), 1) if config else 1
         return cls(hidden, len(blocks), block, max(0, total - block * len(blocks)), total,
-                   tuple(config.get("patch_size", (1, 2, 2))))
+                   _as_patch(config.get("patch_size")))
 
 
 def tokens(latent_frames: int, latent_height: int, latent_width: int, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
