@@ -297,6 +297,23 @@ def test_gguf_pipeline_gives_latents_close_to_the_bf16_original(tiny_models_root
     assert (got - bf16_latents).abs().max() < tol
 
 
+def test_gguf_runs_with_group_offload_and_refuses_sequential(tiny_models_root, tmp_path, wan21):
+    from vramwise.loader import LoadOptions, load_pipeline
+    from vramwise.offload import OffloadMode
+    from vramwise.precision import WeightDtype
+
+    path = sfh.write_transformer_gguf(tiny_models_root / "tiny-wan21-i2v", tmp_path / "q8.gguf", "Q8_0")
+    spec = SingleFileSpec.create(**dict(wan21, diffusion_model=path))
+
+    def options(mode: str) -> LoadOptions:
+        return LoadOptions(folder=path, offload_mode=OffloadMode.parse(mode), weight_dtype=WeightDtype.parse("bf16"), text_encoder_on_cpu=False, source=spec)
+
+    with pytest.raises(InputError, match="offload_mode.*sequential.*GGUF.*pick one of none, model, group"):
+        load_pipeline(options("sequential"), torch.device("cpu"))
+    loaded = load_pipeline(options("group"), torch.device("cpu"))  # no CUDA: the hooks run with the CPU as both devices
+    assert torch.isfinite(_latents(loaded.pipe).float()).all()
+
+
 def test_gguf_with_fp8_storage_is_refused(tiny_models_root, tmp_path, wan21):
     path = sfh.write_transformer_gguf(tiny_models_root / "tiny-wan21-i2v", tmp_path / "f16.gguf", "F16")
     with pytest.raises(InputError, match="weight_dtype.*GGUF"):

@@ -96,7 +96,16 @@ class SingleFileSpec:
     def family(self):
         from ..families import family_by_id
 
-        return family_by_id(self.check()[0].family_id)
+        info, info2 = self.check()
+        family = family_by_id(info.family_id)
+        if info.is_gguf or (info2 is not None and info2.is_gguf):
+            # Seen on CPU with diffusers 0.42.1: accelerate's sequential offload fails with a TypeError when it
+            # rebuilds a GGUF-quantized parameter on another device. model and group offload work.
+            family.unsupported_offload_modes = {
+                **getattr(family, "unsupported_offload_modes", {}),
+                "sequential": "its GGUF-quantized weights cannot be moved layer by layer by accelerate's sequential offload",
+            }
+        return family
 
     def load(self, torch_dtype: torch.dtype, keep_fp8: bool = False) -> Any:
         """Build the pipeline on the CPU. ``keep_fp8``: plain fp8 weights stay fp8 (fp8 storage follows)."""
