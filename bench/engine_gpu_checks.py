@@ -182,7 +182,7 @@ def build_full_pipeline(layers: int):
     randomize(parts["image_encoder"])
     parts["image_encoder"].to("cpu")
     with torch.device(dev):
-        vae = AutoencoderKLWan().eval()  # float32, as the Wan pipeline keeps it
+        vae = AutoencoderKLWan().to(dt).eval()  # bf16, as family.load(torch_dtype=bf16) loads it
     parts["vae"] = vae.to("cpu")
     torch.cuda.empty_cache()
     pipe = WanImageToVideoPipeline(
@@ -309,6 +309,16 @@ def part_budgets(args) -> None:
                                                             cache=cache))
 
 
+def _ftfy_stand_in() -> None:
+    """diffusers' Wan prompt cleaning calls ftfy when it is installed; the device image lacks it."""
+    import types
+
+    import diffusers.pipelines.wan.pipeline_wan_i2v as wan_i2v
+
+    if not hasattr(wan_i2v, "ftfy"):
+        wan_i2v.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["baseline", "budgets"])
@@ -320,6 +330,7 @@ def main() -> None:
     ap.add_argument("--cancel-checks", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    _ftfy_stand_in()
     (part_baseline if args.part == "baseline" else part_budgets)(args)
 
 

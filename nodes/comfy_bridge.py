@@ -75,10 +75,14 @@ def latent_rgb_factors(format_name: str | None) -> tuple[list[list[float]], list
     if not format_name:
         return None
     cls = getattr(comfy.latent_formats, format_name, None)
-    factors = getattr(cls, "latent_rgb_factors", None) if cls is not None else None
+    if cls is None:
+        return None
+    # Some formats (SD15) set their factors in __init__, others as class attributes: ask an instance.
+    fmt = cls()
+    factors = getattr(fmt, "latent_rgb_factors", None)
     if factors is None:
         return None
-    return factors, getattr(cls, "latent_rgb_factors_bias", None)
+    return factors, getattr(fmt, "latent_rgb_factors_bias", None)
 
 
 class Progress:

@@ -63,7 +63,7 @@ class VRAMWiseSampler(io.ComfyNode):
                 io.Int.Input("height", default=480, min=16, max=4096, step=16,
                              tooltip="Output height in pixels. Multiple of 16 (32 for Wan2.2 TI2V-5B). Defaults: " + _defaults_help("height")),
                 io.Int.Input("num_frames", default=81, min=1, max=1025, step=4,
-                             tooltip="Frames to generate, of the form 4k+1 (e.g. 33, 49, 81). Defaults: " + _defaults_help("num_frames")),
+                             tooltip="Frames to generate. Wan and EasyAnimate: of the form 4k+1 (33, 49, 81); I2VGen-XL: any count (trained on 16). Defaults: " + _defaults_help("num_frames")),
                 io.Int.Input("steps", default=30, min=0, max=200,
                              tooltip="Denoising steps (at least 1). Defaults: " + _defaults_help("steps")),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
@@ -75,7 +75,7 @@ class VRAMWiseSampler(io.ComfyNode):
                 io.Combo.Input("resize_mode", options=[m.value for m in ResizeMode], default=ResizeMode.CROP.value,
                                tooltip="crop: fill the frame and cut the overflow (centre). pad: keep the whole image with black bars."),
                 io.Image.Input("end_image", optional=True,
-                               tooltip="Optional last frame, for first-last-frame models (Wan2.1 FLF2V, Wan2.2 A14B)."),
+                               tooltip="Optional last frame, for models that take one (Wan2.1 FLF2V, Wan2.2 A14B, EasyAnimate V5.1 InP)."),
                 io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
                                tooltip="offload_mode auto: GPU memory the run may use, in GiB. 0 = the free memory "
                                        "minus headroom_gb."),

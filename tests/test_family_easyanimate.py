@@ -261,8 +261,6 @@ def test_vae_config_without_cache_flag(tiny_models_root: Path, tmp_path: Path) -
     assert generate(m, request(steps=1)).samples.shape == (1, 16, 2, 8, 8)
 
 
-@pytest.mark.xfail(reason="the memory planner (vramwise/memory) cannot read this transformer's config yet "
-                          "(int patch_size)", raises=TypeError, strict=False)
 def test_auto_offload(tiny_models_root: Path, reference: torch.Tensor) -> None:
     m = load(tiny_models_root, "auto")
     assert torch.allclose(generate(m, request()).samples, reference, atol=1e-3)

@@ -7,12 +7,14 @@ from enum import Enum
 
 import torch
 
-from .device import free_bytes, release_memory
+from .device import free_bytes, is_oom, release_memory
 from .errors import InputError
 from .handles import VramwiseLatent, VramwiseModel
 
 # Leave room for the allocator's fragmentation and for whatever else runs on the device.
 FREE_MEMORY_SHARE = 0.85
+# On out-of-memory the decode retries tiled, then with halved tiles down to this size.
+MIN_TILE = 64
 
 
 class TilingMode(str, Enum):
@@ -61,11 +63,25 @@ def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingO
     else:
         use_tiles = tiling.mode is TilingMode.ON
         why = "as requested"
-    family.vae_tiling(loaded, use_tiles, tiling.tile, tiling.overlap)
-    try:
-        frames = family.decode(loaded, latent.samples)
-    finally:
-        loaded.release_hooks()
-        release_memory(loaded.device)
-    how = f"tiled {tiling.tile}px/{tiling.overlap}px overlap" if use_tiles else "untiled"
-    return frames, f"decoded {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, {how} ({why})"
+    tile, overlap = tiling.tile, tiling.overlap
+    retries: list[str] = []
+    while True:
+        family.vae_tiling(loaded, use_tiles, tile, overlap)
+        try:
+            frames = family.decode(loaded, latent.samples)
+            break
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_oom(e) or (use_tiles and tile <= MIN_TILE):
+                raise
+            was = f"tiled {tile}px" if use_tiles else "untiled"
+            if use_tiles:
+                tile = max(MIN_TILE, tile // 2)
+                overlap = min(overlap, tile // 4)
+            use_tiles = True
+            retries.append(f"out of memory decoding {was}: retried tiled {tile}px/{overlap}px overlap")
+        finally:
+            loaded.release_hooks()
+            release_memory(loaded.device)
+    how = f"tiled {tile}px/{overlap}px overlap" if use_tiles else "untiled"
+    note = f"decoded {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, {how} ({why})"
+    return frames, "; ".join([note] + retries)

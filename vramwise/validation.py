@@ -49,5 +49,5 @@ def validate_generation(
         raise InputError(
             "end_image",
             f"{family.label} cannot take an end frame.",
-            "disconnect end_image, or load a first-last-frame model (Wan2.1 FLF2V, Wan2.2 A14B).",
+            "disconnect end_image, or load a model that takes one (Wan2.1 FLF2V, Wan2.2 A14B, EasyAnimate V5.1 InP).",
         )

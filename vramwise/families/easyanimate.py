@@ -30,7 +30,7 @@ PIPELINE = "EasyAnimateInpaintPipeline"
 # Folders of these classes may hold the same components; the InP transformer is what makes a folder usable.
 _EASYANIMATE_PIPELINES = ("EasyAnimateInpaintPipeline", "EasyAnimatePipeline", "EasyAnimateControlPipeline")
 _V51_TEXT_ENCODER = "Qwen2VLForConditionalGeneration"
-# The pipeline pads prompts to 256 tokens (its encode_prompt default) and the transformer was trained with that.
+# Prompts are padded to 256 tokens, the pipeline's own encode_prompt default.
 MAX_TEXT_TOKENS = 256
 # Qwen2-VL's own chat template puts a default system turn before the user turn. Folders whose tokenizer has no
 # template (some conversions drop chat_template.json) would make apply_chat_template raise; this renders the
@@ -39,10 +39,12 @@ _QWEN2VL_FRAMING = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 )
-# Decode peak of the full Magvit decoder (block_out_channels [128, 256, 512, 512]) per output pixel of one frame,
-# bf16, untiled. It decodes one latent frame (4 video frames) at a time with a causal cache, so the peak scales
-# with pixels per frame, not with clip length. Estimate (see _decode_bytes_per_pixel_full below).
-_DECODE_BYTES_PER_PIXEL_FULL = 10_000.0
+# Decode peak of the full-size Magvit decoder (diffusers' default AutoencoderKLMagvit config: block_out_channels
+# [128, 256, 512, 512], 2 layers per block) per output pixel of one frame, bf16, untiled, measured on an H200:
+# 5.35 GiB for 672x384x49 and 21.2 GiB for 1344x768x17, i.e. ~22,300 bytes per pixel either way. It decodes one
+# latent frame (4 video frames) at a time with a causal cache, so the peak scales with pixels per frame, not with
+# clip length. Tiled with 256 px tiles the same decodes peaked at 1.40 and 1.46 GiB.
+_DECODE_BYTES_PER_PIXEL_FULL = 22_300.0
 _FULL_FIRST_CHANNELS = 128
 
 

@@ -20,9 +20,12 @@ import torch
 ACT_BYTES_PER_TOKEN_HIDDEN_EAGER = 21.6
 ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
 # Lean chunked forward (memory/lean_wan.py): the whole-sequence tensors alive in a block are the hidden states
-# (x2 when compiled: input and output) plus keys and values, plus one chunk's temporaries.
-LEAN_SEQUENCE_TENSORS = 4
-LEAN_CHUNK_BYTES = int(0.4 * 2**30)
+# (updated in place) plus keys and values, plus one chunk's temporaries (4,096 rows). Measured on an H200
+# (bench/RESULTS.md, "Offload engine", round 2): 81 frames 3.85 GiB eager / 3.67 compiled, 33 frames 2.75 / 2.56,
+# for slots 1.5 GiB + this term; the estimate also counts the non-block weights (the condition embedder is only
+# on the GPU before the blocks run), so it is an upper bound by ~1 GiB.
+LEAN_SEQUENCE_TENSORS = 3
+LEAN_CHUNK_BYTES = int(0.45 * 2**30)
 # A component streamed leaf by leaf (offload.stream.STREAM_OTHERS_ABOVE) needs its largest leaf (UMT5-XXL's
 # 2.1 GB token embedding) plus activations.
 STREAMED_COMPONENT_PEAK = int(2.5 * 2**30)

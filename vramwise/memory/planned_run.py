@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Callable
 
-from ..device import host_available_bytes
+import torch
+
+from ..device import host_available_bytes, is_oom
 from ..families.base import GenerationRequest
 from ..handles import VramwiseLatent, VramwiseModel
 from ..loader import CACHE, PipelineCache
 from ..offload import OffloadMode
 from ..sampling import SamplingObserver, generate
 from . import planner
+
+log = logging.getLogger(__name__)
+
+
+class _EncoderOOM(Exception):
+    """Out of memory while a text encoder was running (it is retried with the text encoder on the CPU)."""
+
+
+class _EncoderWatch:
+    """Knows whether a text encoder forward was running when an exception went through (no post-hook then)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.running = 0
+        self.handles = []
+        for m in modules:
+            self.handles.append(m.register_forward_pre_hook(self._enter))
+            self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, module, args) -> None:
+        self.running += 1
+
+    def _leave(self, module, args, output) -> None:
+        self.running -= 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def generate_with_plan(
@@ -43,11 +74,19 @@ def generate_with_plan(
         cache.release_all()
         free_others()
 
+    def revive() -> None:
+        cache.revive(loaded, before_load=free_others)
+        choice = getattr(loaded, "compile_choice", None)  # set by the loader node
+        if choice is not None and loaded.pipe is not None:
+            from ..offload.stream import apply_compile
+
+            apply_compile(loaded.pipe, choice)
+
     def step_down(plan: planner.Plan) -> None:
         planner.set_floor(key, plan)
         if not loaded.released:
             free_all()
-        cache.revive(loaded, before_load=free_others)
+        revive()
 
     def describe() -> str:
         run = loaded.family.run_info(loaded, request)
@@ -65,10 +104,41 @@ def generate_with_plan(
                     est = better
         return ("auto " if auto else "") + est.describe()
 
+    def encoders() -> list[torch.nn.Module]:
+        pipe = loaded.pipe
+        return [m for m in (getattr(pipe, n, None) for n in loaded.family.text_encoder_names)
+                if isinstance(m, torch.nn.Module)]
+
+    def run_once():
+        watch = _EncoderWatch(encoders()) if not loaded.options.text_encoder_on_cpu else None
+        try:
+            return generate(model, request, observer)
+        except Exception as e:  # noqa: BLE001 - only an OOM inside the text encoder is turned into a retry
+            if watch is not None and watch.running > 0 and is_oom(e):
+                raise _EncoderOOM() from e
+            raise
+        finally:
+            if watch is not None:
+                watch.remove()
+
+    def attempt():
+        while True:
+            try:
+                return run_once()
+            except _EncoderOOM:
+                # Text encoding ran out of memory: reload with the text encoder on the CPU and run again.
+                report.append("out of memory in the text encoder: moved it to the CPU and retried")
+                log.warning("text encoder out of memory; retrying with the text encoder on the CPU")
+                free_all()
+                loaded.options = dataclasses.replace(loaded.options, text_encoder_on_cpu=True)
+                if not loaded.released:
+                    loaded.release_hooks()
+                    loaded.released = True
+                    loaded.pipe = None
+                revive()
+
     report.append(describe())
     if not auto:
-        return generate(model, request, observer), report
-    latent = planner.run_with_step_down(
-        lambda: generate(model, request, observer), current_plan, step_down, free_all, report
-    )
+        return attempt(), report
+    latent = planner.run_with_step_down(attempt, current_plan, step_down, free_all, report)
     return latent, report

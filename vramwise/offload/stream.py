@@ -580,6 +580,21 @@ def resolve_compile(choice: str | bool | None) -> bool:
     return choice == "on" and torch.cuda.is_available()
 
 
+def apply_compile(pipe: Any, choice: str | bool | None) -> str | None:
+    """Set regional compilation on a placed pipeline's stream engines; a note for the user (None: no engines)."""
+    engines = getattr(pipe, "_vramwise_stream", None) or []
+    if not engines:
+        return None
+    on = resolve_compile(choice)
+    for eng in engines:
+        eng.set_compile(on)
+    if on:
+        return ("compile: denoiser blocks compiled with torch.compile (the first run at a new size spends ~20-60 s "
+                "compiling, later steps are faster)")
+    why = "" if choice == "off" else " (needs a CUDA GPU and Triton)"
+    return f"compile: off{why}, denoiser runs eager"
+
+
 # Non-denoiser components bigger than this (UMT5-XXL, ~11 GB) stream layer by layer while they run instead of
 # moving to the GPU whole, so the stream plans fit cards smaller than the text encoder.
 STREAM_OTHERS_ABOVE = 4 * 2**30
@@ -665,4 +680,4 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
 
 
 __all__ = ["StreamOffload", "place_stream", "StreamSettings", "SETTINGS", "repeated_blocks", "compile_available",
-           "resolve_compile"]
+           "resolve_compile", "apply_compile"]
