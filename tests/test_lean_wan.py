@@ -88,3 +88,21 @@ def test_condition_embedder_is_transient(tiny_models_root):
     model(x, t, ctx, img)
     eng.release()
     assert model.condition_embedder.time_proj.weight.device.type == "cpu"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-wan22-ti2v-5b", "tiny-wan22-i2v-a14b"])
+def test_lean_forward_matches_stock_for_wan22(tiny_models_root, name):
+    """TI2V-5B: per-token timesteps (modulation sliced with the chunk); A14B: no image keys/values."""
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(tiny_models_root / name / "transformer").eval()
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.in_channels, 3, 8, 8, generator=g)
+    t = torch.full((2, 3 * 4 * 4), 500) if "ti2v" in name else torch.tensor([500, 500])
+    ctx = torch.randn(2, 512, c.text_dim, generator=g)
+    ref = model(x, t, ctx, return_dict=False)[0]
+    lean = LeanWan(model, repeated_blocks(model), torch.float32, chunk_rows=6)
+    torch.testing.assert_close(model(x, t, ctx, return_dict=False)[0], ref, rtol=1e-4, atol=1e-5)
+    assert lean.stats["lean_blocks"] == c.num_layers

@@ -191,7 +191,7 @@ class LeanWan:
         self.set_compiled(compiled)
         self._owned: torch.Tensor | None = None
         self.blocks: list[torch.nn.Module] = []
-        self.stats = {"lean_blocks": 0, "stock_blocks": 0}
+        self.stats = {"lean_blocks": 0}
         for b in blocks:
             if "forward" in b.__dict__ or not block_supported(b):
                 continue

@@ -19,6 +19,20 @@ from . import planner
 log = logging.getLogger(__name__)
 
 
+def drop_scheduler_state(pipe) -> None:
+    """Move the scheduler's per-run tensors (multistep schedulers keep the last model outputs and sample, the
+    size of the latents each) off the GPU, so nothing of a finished, failed or cancelled run stays there.
+    The next run's ``set_timesteps`` rebuilds them."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None:
+        return
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            setattr(scheduler, name, value.cpu())
+        elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in value):
+            setattr(scheduler, name, [v.cpu() if isinstance(v, torch.Tensor) else v for v in value])
+
+
 class _EncoderOOM(Exception):
     """Out of memory while a text encoder was running (it is retried with the text encoder on the CPU)."""
 
@@ -30,7 +44,7 @@ class _EncoderWatch:
         self.running = 0
         self.handles = []
         for m in modules:
-            self.handles.append(m.register_forward_pre_hook(self._enter))
+            self.handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
             self.handles.append(m.register_forward_hook(self._leave))
 
     def _enter(self, module, args) -> None:
@@ -120,6 +134,8 @@ def generate_with_plan(
         finally:
             if watch is not None:
                 watch.remove()
+            if loaded.pipe is not None:
+                drop_scheduler_state(loaded.pipe)
 
     def attempt():
         while True:
