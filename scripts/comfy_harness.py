@@ -207,11 +207,21 @@ class ComfyServer:
         while time.time() < deadline:
             entry = self.history(prompt_id)
             if entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+                self._wait_for_final_event(prompt_id)
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died:\n{self.log_text()[-4000:]}")
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def _wait_for_final_event(self, prompt_id: str, timeout: float = 15.0) -> None:
+        """History can say done before the websocket has delivered the run's last messages; wait for them."""
+        final = {"execution_success", "execution_error", "execution_interrupted"}
+        deadline = time.time() + timeout
+        while self._ws is not None and time.time() < deadline:
+            if any(e.get("type") in final for e in self.events_for(prompt_id)):
+                return
+            time.sleep(0.05)
 
     def run(self, prompt: dict[str, Any], timeout: float = 300.0, extra_data: dict[str, Any] | None = None) -> dict[str, Any]:
         """Queue ``prompt`` and return its finished history entry (whatever the outcome)."""

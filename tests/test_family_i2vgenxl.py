@@ -212,9 +212,12 @@ def test_stream_offload_is_refused_naming_the_input(tiny_models_root: Path) -> N
     assert "I2VGen-XL" in str(err.value) and "model" in err.value.fix and "stream" not in err.value.fix
 
 
-@pytest.mark.xfail(reason="the memory planner's auto plans include 'stream' (always on a CPU), which needs repeated "
-                          "blocks this UNet does not have; the planner should skip stream plans for it",
-                   raises=(TypeError, ValueError), strict=False)
-def test_auto_offload(tiny_models_root: Path, reference: torch.Tensor) -> None:
+def test_auto_offload_skips_stream_plans_for_a_unet(tiny_models_root: Path, reference: torch.Tensor) -> None:
     m = load(tiny_models_root, "auto")
-    assert torch.allclose(generate(m, request()).samples, reference, atol=1e-3)
+    plan = m.loaded.pipe._vramwise_plan.plan
+    assert plan.offload != "stream"
+    out = generate(m, request()).samples
+    # On a CPU auto takes its first offloading plan: for a UNet that is sequential with fp8 storage, whose
+    # 3-bit mantissa moves each weight by up to ~6%; the latents stay within a few percent of bf16.
+    rel = (out - reference).norm() / reference.norm()
+    assert torch.isfinite(out).all() and float(rel) < (0.1 if plan.fp8 else 1e-3)

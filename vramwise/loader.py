@@ -41,7 +41,7 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     """Detect the family, load the weights (safetensors only), apply precision and offload placement."""
     source = options.source
     family = source.family() if source is not None else detect_family(options.folder)
-    refused = getattr(family, "unsupported_offload_modes", {}).get(options.offload_mode.value)
+    refused = family.unsupported_offload_modes.get(options.offload_mode.value)
     if refused:
         usable = ", ".join(m.value for m in OffloadMode if m.value not in family.unsupported_offload_modes)
         raise InputError(
@@ -63,8 +63,10 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             "config.json and *.safetensors weights)."
         ) from e
     notes = [f"{family.label} from '{options.folder.name}'"]
+    denoiser_skip = DENOISER_FP8_SKIP + family.fp8_skip_patterns
+    # The auto planner may switch to fp8 storage later; it reads the family's skip list from here.
+    pipe._vramwise_fp8_skip = denoiser_skip
     if options.weight_dtype is WeightDtype.FP8_E4M3FN:
-        denoiser_skip = DENOISER_FP8_SKIP + tuple(getattr(family, "fp8_skip_patterns", ()))
         targets = [(getattr(pipe, n, None), denoiser_skip) for n in family.denoiser_names]
         targets += [(getattr(pipe, n, None), TEXT_ENCODER_FP8_SKIP) for n in family.text_encoder_names]
         notes += apply_fp8_storage(targets, options.weight_dtype.compute_dtype)

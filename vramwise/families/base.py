@@ -106,6 +106,10 @@ class Family(ABC):
     supports_end_image: bool = False
     denoiser_names: tuple[str, ...] = ("transformer",)
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    # Layers (regex on module names) kept in compute precision under fp8 storage, on top of precision.DENOISER_FP8_SKIP.
+    fp8_skip_patterns: tuple[str, ...] = ()
+    # Offload modes this family cannot use, with the reason the loader shows (e.g. no repeated blocks to stream).
+    unsupported_offload_modes: dict[str, str] = {}
     # Name of the latent format in ComfyUI's comfy.latent_formats, used for cheap RGB previews.
     preview_latent_format: str | None = None
 

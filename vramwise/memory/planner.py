@@ -70,6 +70,14 @@ class Components:
     def denoiser_bytes(self) -> int:
         return sum(d.total_bytes for d in self.denoisers)
 
+    @property
+    def streamable(self) -> bool:
+        """Stream plans need repeated blocks to stream; a UNet (I2VGen-XL) has none."""
+        return bool(self.denoisers) and all(d.layers > 0 for d in self.denoisers)
+
+    def allows(self, plan: "Plan") -> bool:
+        return plan.offload != "stream" or self.streamable
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -125,6 +133,8 @@ def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, 
     """The fastest plan from ``PLANS[floor:]`` whose estimate fits both budgets."""
     tried = []
     for plan in PLANS[floor:]:
+        if not comp.allows(plan):
+            continue
         est = estimate(plan, comp, run, compiled)
         tried.append(est)
         if est.vram_peak <= vram_budget and est.host_bytes <= host_budget:
@@ -235,7 +245,9 @@ def place_auto(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: 
     key = str(getattr(pipe, "name_or_path", "") or id(pipe))
     floor = floor_for(key)
     if device.type != "cuda":
-        est = estimate(PLANS[max(floor, 1)], comp, default_run_for(pipe))  # CPU: exercise the stream path
+        # CPU: exercise the first offloading plan the model allows (stream where it has repeated blocks)
+        plan = next(p for p in PLANS[max(floor, 1):] if comp.allows(p))
+        est = estimate(plan, comp, default_run_for(pipe))
     else:
         try:
             est = choose(comp, default_run_for(pipe), vram_budget(device), host_available_bytes(), floor)
@@ -252,7 +264,9 @@ def place_auto(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: 
 
             dtype = next((p.dtype for p in getattr(pipe, denoisers[0]).parameters()), torch.bfloat16)
             if dtype not in (torch.float8_e4m3fn,):
-                apply_fp8_storage([(getattr(pipe, n, None), DENOISER_FP8_SKIP) for n in denoisers], dtype)
+                # The loader records the family's own precision-critical layers on the pipeline.
+                skip = getattr(pipe, "_vramwise_fp8_skip", DENOISER_FP8_SKIP)
+                apply_fp8_storage([(getattr(pipe, n, None), skip) for n in denoisers], dtype)
         return PLACERS[OffloadMode.SEQUENTIAL](pipe, device, skip, denoisers)
     return PLACERS[OffloadMode(plan.offload)](pipe, device, skip, denoisers)
 

@@ -102,7 +102,7 @@ class SingleFileSpec:
             # Seen on CPU with diffusers 0.42.1: accelerate's sequential offload fails with a TypeError when it
             # rebuilds a GGUF-quantized parameter on another device. model and group offload work.
             family.unsupported_offload_modes = {
-                **getattr(family, "unsupported_offload_modes", {}),
+                **family.unsupported_offload_modes,
                 "sequential": "its GGUF-quantized weights cannot be moved layer by layer by accelerate's sequential offload",
             }
         return family
