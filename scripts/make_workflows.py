@@ -138,6 +138,15 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
                                "num_frames": 17, "steps": 4, "cfg": 5.0, "seed": 42, "shift": 3.0}),
             "Runs in seconds on a CPU with the tiny random Wan2.1 model that scripts/demo.sh builds. Output is noise-like: the weights are random.",
         ),
+        "wan21_i2v_tome": (
+            i2v_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v_tome",
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                               "num_frames": 81, "steps": 40, "cfg": 5.0, "seed": 42, "shift": 3.0},
+                      extra=[Node(7, "VRAMWiseTokenMerge", {"ratio": 0.5}, {"model": (2, 0)},
+                                  pos=(0, 640), size=(380, 260))],
+                      model_from=7),
+            "Wan2.1 I2V 14B 480P with token merging. Bypass the Token Merge node (Ctrl+B) to compare with the unmerged video.",
+        ),
         "wan21_i2v_480p": (
             i2v_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v",
                       sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
