@@ -16,6 +16,8 @@ from vramwise.offload import OffloadMode
 from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 
+from observers import Cancelled, Recorder
+
 CPU = torch.device("cpu")
 
 
@@ -27,19 +29,6 @@ def _request(**kw) -> GenerationRequest:
     return GenerationRequest(**{**base, **kw})
 
 
-class Recorder:
-    def __init__(self, cancel_at: int | None = None) -> None:
-        self.steps: list[tuple[int, int]] = []
-        self.cancel_at = cancel_at
-        self.checks = 0
-
-    def on_step(self, step, total, latents):
-        self.steps.append((step, total))
-        if self.cancel_at is not None and step >= self.cancel_at:
-            raise KeyboardInterrupt("cancelled")
-
-    def check_cancel(self):
-        self.checks += 1
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def test_sampling_reports_every_step_and_checks_cancel_before_each_model_call(wa
 
 
 def test_cancel_stops_the_run_and_leaves_the_pipeline_usable(wan):
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Cancelled):
         generate(wan, _request(steps=5), Recorder(cancel_at=2))
     assert "step" not in wan.loaded.pipe.scheduler.__dict__  # the progress wrapper was removed
     assert all(not m._forward_pre_hooks for m in wan.loaded.denoisers)

@@ -22,6 +22,8 @@ from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
+from observers import Cancelled, Recorder
+
 MODEL = "tiny-easyanimate-v51-inp"
 LEGACY = "tiny-easyanimate-v5-legacy"
 CPU = torch.device("cpu")
@@ -46,25 +48,8 @@ def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool 
     return VramwiseModel(load_pipeline(options, CPU))
 
 
-class Cancelled(Exception):
-    """Stands in for ComfyUI's InterruptProcessingException."""
 
 
-class Recorder:
-    """A sampling observer that records progress and can cancel at a given step."""
-
-    def __init__(self, cancel_at: int | None = None) -> None:
-        self.steps: list[tuple[int, int]] = []
-        self.checks = 0
-        self.cancel_at = cancel_at
-
-    def on_step(self, step: int, total: int, latents: torch.Tensor) -> None:
-        self.steps.append((step, total))
-        if self.cancel_at is not None and step >= self.cancel_at:
-            raise Cancelled(f"cancelled at step {step}")
-
-    def check_cancel(self) -> None:
-        self.checks += 1
 
 
 @pytest.fixture(scope="module")

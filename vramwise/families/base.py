@@ -123,8 +123,25 @@ class Family(ABC):
         """Build the diffusers pipeline on the CPU (placement is the offload planner's job)."""
 
     @abstractmethod
+    def latent_factors(self, pipe: Any) -> tuple[int, int]:
+        """(spatial, temporal) compression of the family's VAE."""
+
     def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":
         """Latent grid of a request, for patches and memory planning."""
+        from ..handles import RunInfo
+
+        s, t = self.latent_factors(loaded.pipe)
+        return RunInfo(
+            width=request.width,
+            height=request.height,
+            num_frames=request.num_frames,
+            steps=request.steps,
+            # The VAEs keep the first frame and compress the rest t:1.
+            latent_frames=(request.num_frames - 1) // t + 1,
+            latent_height=request.height // s,
+            latent_width=request.width // s,
+            do_cfg=request.cfg > 1.0,
+        )
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
         """Apply per-run scheduler settings (flow shift) before sampling starts."""

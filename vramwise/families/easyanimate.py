@@ -24,7 +24,7 @@ import torch
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 
 if TYPE_CHECKING:
-    from ..handles import LoadedPipeline, RunInfo
+    from ..handles import LoadedPipeline
 
 PIPELINE = "EasyAnimateInpaintPipeline"
 # Folders of these classes may hold the same components; the InP transformer is what makes a folder usable.
@@ -164,22 +164,8 @@ class EasyAnimateV51InP(Family):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":
-        from ..handles import RunInfo
-
-        pipe = loaded.pipe
-        s = int(pipe.vae_spatial_compression_ratio)
-        t = int(pipe.vae_temporal_compression_ratio)
-        return RunInfo(
-            width=request.width,
-            height=request.height,
-            num_frames=request.num_frames,
-            steps=request.steps,
-            latent_frames=(request.num_frames - 1) // t + 1,
-            latent_height=request.height // s,
-            latent_width=request.width // s,
-            do_cfg=request.cfg > 1.0,
-        )
+    def latent_factors(self, pipe: Any) -> tuple[int, int]:
+        return int(pipe.vae_spatial_compression_ratio), int(pipe.vae_temporal_compression_ratio)
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
         config = pipe.scheduler.config

@@ -17,7 +17,7 @@ from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 from .easyanimate import untiled_encode
 
 if TYPE_CHECKING:
-    from ..handles import LoadedPipeline, RunInfo
+    from ..handles import LoadedPipeline
 
 PIPELINE = "I2VGenXLPipeline"
 # Frames decoded per VAE call: the pipeline's own default (decode_chunk_size=1), the lowest-memory choice; the
@@ -78,20 +78,9 @@ class I2VGenXL(Family):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":
-        from ..handles import RunInfo
-
-        s = int(loaded.pipe.vae_scale_factor)
-        return RunInfo(
-            width=request.width,
-            height=request.height,
-            num_frames=request.num_frames,
-            steps=request.steps,
-            latent_frames=request.num_frames,
-            latent_height=request.height // s,
-            latent_width=request.width // s,
-            do_cfg=request.cfg > 1.0,
-        )
+    def latent_factors(self, pipe: Any) -> tuple[int, int]:
+        # A 2-D VAE applied per frame: no temporal compression.
+        return int(pipe.vae_scale_factor), 1
 
     def _encode(self, loaded: "LoadedPipeline", texts: list[str]) -> torch.Tensor:
         """CLIP text embeddings from the penultimate layer, passed through the final layer norm.

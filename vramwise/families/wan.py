@@ -10,7 +10,7 @@ import torch
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 
 if TYPE_CHECKING:
-    from ..handles import LoadedPipeline, RunInfo
+    from ..handles import LoadedPipeline
 
 PIPELINE = "WanImageToVideoPipeline"
 # The Wan attention processor hard-codes 512 text tokens when it splits image from text tokens; any other
@@ -32,25 +32,8 @@ class _WanFamily(Family):
 
         return WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
 
-    def _spatial_factor(self, pipe: Any) -> int:
-        return int(pipe.vae_scale_factor_spatial)
-
-    def run_info(self, loaded: "LoadedPipeline", request: GenerationRequest) -> "RunInfo":
-        from ..handles import RunInfo
-
-        pipe = loaded.pipe
-        s = self._spatial_factor(pipe)
-        t = int(pipe.vae_scale_factor_temporal)
-        return RunInfo(
-            width=request.width,
-            height=request.height,
-            num_frames=request.num_frames,
-            steps=request.steps,
-            latent_frames=(request.num_frames - 1) // t + 1,
-            latent_height=request.height // s,
-            latent_width=request.width // s,
-            do_cfg=request.cfg > 1.0,
-        )
+    def latent_factors(self, pipe: Any) -> tuple[int, int]:
+        return int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
         config = pipe.scheduler.config

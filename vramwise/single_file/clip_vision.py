@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, ModelFolderError
+from ..errors import InputError
 from .build import materialize
 from .detect import shipped_config
 from .reader import Header, load_tensors, read_header, weight_names
