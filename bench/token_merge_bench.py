@@ -132,11 +132,12 @@ def bench_wan(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     configs += [dict(label=f"ratio 0.5, {i}", ratio=0.5, attention_impl=i) for i in args.impls]
     sweep = [i for i in args.impls if i != "mask"]
     configs += [dict(label=f"ratio {r:g}, {i}", ratio=r, attention_impl=i) for i in sweep for r in args.ratios if r != 0.5]
-    configs += [
-        dict(label=f"ratio 0.5, {impl}, window spatial", ratio=0.5, window="spatial", attention_impl=impl),
-        dict(label=f"ratio 0.5, {impl}, skip 2 first + 2 last blocks (node defaults)", ratio=0.5,
-             skip_first_blocks=2, skip_last_blocks=2, attention_impl=impl),
-    ]
+    if not args.no_variants:
+        configs += [
+            dict(label=f"ratio 0.5, {impl}, window spatial", ratio=0.5, window="spatial", attention_impl=impl),
+            dict(label=f"ratio 0.5, {impl}, skip 2 first + 2 last blocks (node defaults)", ratio=0.5,
+                 skip_first_blocks=2, skip_last_blocks=2, attention_impl=impl),
+        ]
     rows, base = [], None
     for c in configs:
         label = c.pop("label")
@@ -242,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-size", type=int)
     p.add_argument("--unet-frames", type=int)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--impls", nargs="+", default=["fold", "flex", "cudnn", "mask"],
+    p.add_argument("--impls", nargs="+", default=["cudnn", "groups", "fold", "flex", "mask"],
                    help="proportional-attention implementations compared (mask only at ratio 0.5)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-variants", action="store_true", help="skip the window / skipped-blocks rows")
     p.add_argument("--skip-wan", action="store_true")
     p.add_argument("--skip-unet", action="store_true")
     args = p.parse_args(argv)
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args.unet_frames = args.unet_frames or (4 if small else 16)
     if not torch.cuda.is_available():  # cudnn is CUDA-only; flex compiles slowly on CPU
         args.impls = [i for i in args.impls if i not in ("cudnn", "flex")]
+    if not args.impls:
+        p.error("no attention implementation left to compare on this device")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16

@@ -342,3 +342,58 @@ def test_log_size_is_log_of_member_count():
     start = plan.layout.protected.numel()
     torch.testing.assert_close(plan.log_size[0, start : start + sizes.numel()], sizes.log())
     assert math.isclose(float(sizes.sum()) + plan.kept_tok.shape[1], 16.0)  # the second frame's tokens
+
+
+def test_grouped_attention_equals_the_size_biased_softmax():
+    """``groups``: one plain attention per distinct size, combined by log-sum-exp, is the biased softmax."""
+    torch.manual_seed(4)
+    b, h, sq, m, d = 2, 3, 20, 17, 16
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64) for s in (sq, m, m))
+    sizes = torch.randint(1, 6, (b, m)).double()
+    sizes[0, :5] = 1.0  # a large size-1 group, as in a merge plan
+    log_size = sizes.log()
+    logits = q @ k.transpose(-1, -2) / 4 + log_size[:, None, None, :]
+    ref = torch.softmax(logits, -1) @ v
+    got = proportional_attention(q, k, v, log_size, "groups")
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    # Same as the bias paths in float32, and all sizes equal (the bias cancels) takes the plain path.
+    q32, k32, v32, ls32 = q.float(), k.float(), v.float(), log_size.float()
+    torch.testing.assert_close(
+        proportional_attention(q32, k32, v32, ls32, "groups"), proportional_attention(q32, k32, v32, ls32, "mask"),
+        atol=1e-5, rtol=1e-5,
+    )
+    flat = torch.full((b, m), math.log(3.0), dtype=torch.float64)
+    torch.testing.assert_close(proportional_attention(q, k, v, flat, "groups"), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_grouped_attention_makes_merged_duplicates_exact_through_a_real_plan():
+    torch.manual_seed(5)
+    grid, heads, d = (3, 4, 4), 2, 8
+    n = 48
+    base = torch.randn(1, n // 2, heads * d)
+    k = base.repeat_interleave(2, dim=1)  # neighbouring duplicates: sizes 1, 2, 3... once merged
+    v = torch.randn(1, n // 2, heads * d).repeat_interleave(2, dim=1)
+    plan = plan_merge(k.view(1, n, heads, d).mean(2), grid, 0.5, "spatial")
+    assert plan.sizes.unique().numel() > 1
+    q = torch.randn(1, heads, n, d)
+    split = lambda t: t.view(1, -1, heads, d).transpose(1, 2)  # noqa: E731
+    rk, rv = split(plan.reduce(k)), split(plan.reduce(v))
+    torch.testing.assert_close(
+        proportional_attention(q, rk, rv, plan.log_size, "groups"),
+        proportional_attention(q, rk, rv, plan.log_size, "mask"), atol=1e-5, rtol=1e-5,
+    )
+
+
+def test_combine_partial_attention_is_order_free_and_matches_one_softmax():
+    from vramwise.token_merge.matching import attention_with_lse, combine_partial_attention
+
+    torch.manual_seed(6)
+    q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    parts = [attention_with_lse(q, k[:, :, a:z], v[:, :, a:z], 0.5) for a, z in ((0, 7), (7, 10), (10, 12))]
+    log_w = [0.0, math.log(2.0), math.log(5.0)]
+    bias = torch.tensor([0.0] * 7 + [math.log(2.0)] * 3 + [math.log(5.0)] * 2)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, -1) @ v
+    for order in ([0, 1, 2], [2, 0, 1]):
+        outs, lses = [parts[i][0] for i in order], [parts[i][1] for i in order]
+        got = combine_partial_attention(outs, lses, [log_w[i] for i in order])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

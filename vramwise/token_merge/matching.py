@@ -38,8 +38,8 @@ LATTICES: dict[str, tuple[Window, ...]] = {
     "spatial+temporal": ((1, 2, 2), (2, 2, 2), (2, 2, 4), (2, 4, 4)),
 }
 
-AttentionImpl = Literal["mask", "cudnn", "fold", "flex"]
-ATTENTION_IMPLS: tuple[str, ...] = ("mask", "cudnn", "fold", "flex")
+AttentionImpl = Literal["mask", "cudnn", "fold", "flex", "groups"]
+ATTENTION_IMPLS: tuple[str, ...] = ("mask", "cudnn", "fold", "flex", "groups")
 
 
 def choose_lattice(window: str, ratio: float) -> Window:
@@ -265,6 +265,87 @@ def _flex_attention():
     return _FLEX
 
 
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention, layout [B, heads, S, D], and its log-sum-exp [B, heads, Sq] (float32, natural log).
+
+    CUDA: the flash kernel (bf16/fp16, head dim a multiple of 8 up to 256), else the mem-efficient one.
+    Elsewhere: the math path in float32 or wider (the reference the tests compare against).
+    """
+    d = q.shape[-1]
+    if q.is_cuda:
+        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            return res[0], res[1]
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        return res[0], res[1][..., : q.shape[2]].float()
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.exp(s - lse[..., None]) @ v.to(work)
+    return out.to(q.dtype), lse
+
+
+def combine_partial_attention(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], log_weights: list[float]
+) -> torch.Tensor:
+    """Exact softmax over the union of key groups, from each group's output and log-sum-exp.
+
+    Group g (keys each standing for ``exp(log_weights[g])`` tokens) holds the mass ``exp(lse_g + log_weight_g)``;
+    the result is the mass-weighted mean of the group outputs. Folded in one group at a time with a running
+    log-sum-exp, each step one ``lerp`` (one pass over two outputs, fp32 inside). The same code runs on every
+    backend; only ``attention_with_lse`` differs.
+    """
+    acc = outs[0]
+    acc_lse = lses[0] + log_weights[0]
+    for out, lse, lw in zip(outs[1:], lses[1:], log_weights[1:]):
+        mass = lse + lw
+        total = torch.logaddexp(acc_lse, mass)
+        share = torch.exp(mass - total)  # [B, heads, Sq]: this group's share of the softmax mass so far
+        acc = torch.lerp(acc, out, share.unsqueeze(-1).to(acc.dtype))
+        acc_lse = total
+    return acc
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor, scale: float):
+    """softmax(q k^T * scale + log_size) v for integer sizes, without a bias: one plain attention per distinct size.
+
+    Keys are sorted by the number of tokens ``c`` they stand for; each group runs on the fastest bias-free kernel
+    (flash on CUDA) and returns its log-sum-exp, and ``combine_partial_attention`` weights group g by ``c_g``.
+    Exact up to float rounding. Needs one device-to-host copy of the sizes per call (group boundaries); sizes
+    that are not whole numbers fall back to the additive-bias path.
+    """
+    outs_b = []
+    for b in range(q.shape[0]):
+        ls = log_size[b].detach().float().cpu()
+        counts = ls.exp().round()
+        if not bool(((counts.clamp_min(1).log() - ls).abs() < 1e-4).all()):
+            bias = log_size.to(q.dtype)[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        counts = counts.long()
+        qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
+        values, group_sizes = torch.unique(counts, sorted=True, return_counts=True)
+        if values.numel() == 1:  # one size for all keys: the bias is a constant and cancels
+            outs_b.append(F.scaled_dot_product_attention(qb, kb, vb, scale=scale))
+            continue
+        order = torch.argsort(counts, stable=True).to(k.device, non_blocking=True)
+        ks, vs = kb.index_select(2, order), vb.index_select(2, order)
+        outs, lses, log_w, start = [], [], [], 0
+        for c, n in zip(values.tolist(), group_sizes.tolist()):
+            o, lse = attention_with_lse(qb, ks.narrow(2, start, n), vs.narrow(2, start, n), scale)
+            outs.append(o)
+            lses.append(lse)
+            log_w.append(math.log(c))
+            start += n
+        # Largest group first: it carries most of the mass, so the running lerps move the output least.
+        idx = sorted(range(len(outs)), key=lambda i: -group_sizes[i].item())
+        outs_b.append(
+            combine_partial_attention([outs[i] for i in idx], [lses[i] for i in idx], [log_w[i] for i in idx])
+        )
+    return outs_b[0] if len(outs_b) == 1 else torch.cat(outs_b, dim=0)
+
+
 def proportional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -277,7 +358,9 @@ def proportional_attention(
 
     impl: ``mask`` an additive bias to PyTorch SDPA (the reference; on CUDA it excludes the flash kernel),
     ``cudnn`` the same bias with the cuDNN kernel preferred, ``fold`` the bias carried in an extra head channel
-    (any kernel, head dim padded by 8), ``flex`` FlexAttention with a score modifier (compiled; CUDA).
+    (any kernel, head dim padded by 8), ``flex`` FlexAttention with a score modifier (compiled; CUDA),
+    ``groups`` one bias-free attention per distinct size combined through the log-sum-exps (flash kernel on CUDA;
+    sizes must be whole numbers, as merge plans' are).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if log_size is None:
@@ -286,7 +369,8 @@ def proportional_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size.to(q.dtype)[:, None, None, :], scale=scale)
     if impl == "cudnn":
         with _prefer_cudnn():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=log_size.to(q.dtype)[:, None, None, :], scale=scale)
+            bias = log_size.to(q.dtype)[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     if impl == "fold":
         d = q.shape[-1]
         qf, kf, vf = _fold(q, k, v, log_size, scale)
@@ -298,6 +382,8 @@ def proportional_attention(
             return score + bias[b, kv_idx]
 
         return _flex_attention()(q, k, v, score_mod=score_mod, scale=scale)
+    if impl == "groups":
+        return grouped_attention(q, k, v, log_size, scale)
     raise ValueError(f"unknown attention impl {impl!r}; one of {ATTENTION_IMPLS}")
 
 
@@ -306,6 +392,7 @@ def default_impl(device: torch.device) -> str:
 
     CUDA: ``cudnn``, the fastest of the four on an H200 with torch 2.11 at every ratio measured (Wan 14B,
     480x832x81, ratio 0.5: cudnn 2.92 s, mask 2.92, fold 2.99, flex 3.07, stock unmerged 3.13; bench/RESULTS.md
-    "Token merge"). Elsewhere ``mask`` (the CPU kernels take an additive bias at no extra cost).
+    "Token merge"). ``groups`` keeps the flash kernel but was slower still (ratio 0.5: 3.46 s vs cudnn 2.94; round 2
+    there). Elsewhere ``mask`` (the CPU kernels take an additive bias at no extra cost).
     """
     return "cudnn" if device.type == "cuda" else "mask"
