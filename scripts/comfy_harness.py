@@ -54,6 +54,7 @@ class ComfyServer:
         self._events_lock = threading.Lock()
         self._ws = None
         self._ws_thread: threading.Thread | None = None
+        self._stopping = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -114,6 +115,7 @@ class ComfyServer:
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log_text()[-4000:]}")
 
     def stop(self) -> None:
+        self._stopping = True
         if self._ws is not None:
             try:
                 self._ws.close()
@@ -148,14 +150,26 @@ class ComfyServer:
     def _connect_ws(self) -> None:
         import websocket
 
-        self._ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=10)
+        url = f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}"
+        self._ws = websocket.create_connection(url, timeout=10)
+        # The connect timeout would otherwise also apply to recv: a quiet minute (a long run with no progress,
+        # or another client driving the server) would end the listener and every later event would be missed.
+        self._ws.settimeout(None)
 
         def pump() -> None:
             while True:
                 try:
                     message = self._ws.recv()
                 except Exception:
-                    return
+                    if self.proc is None or self.proc.poll() is not None or self._stopping:
+                        return
+                    try:  # the connection dropped while the server lives on: listen again
+                        time.sleep(0.2)
+                        self._ws = websocket.create_connection(url, timeout=10)
+                        self._ws.settimeout(None)
+                    except Exception:
+                        return
+                    continue
                 if isinstance(message, bytes):
                     event = {"type": "binary_preview", "data": {"size": len(message)}}
                 else:
