@@ -24,21 +24,28 @@ def test_token_and_activation_arithmetic():
     assert activation_bytes(32760, 5120, 2) == int(32760 * 2 * 5120 * 21.6)
 
 
-def test_wan14b_estimates_match_the_measured_peaks_within_a_gib():
+# Peaks measured on an H200 (bench/RESULTS.md, "Offload engine", round 2: lean forward, eager, batch-2 CFG step,
+# torch.cuda.max_memory_allocated); the issue asks for estimates within +-15% of them.
+MEASURED_GIB = {("stream", False, 21): 3.85, ("stream", False, 9): 2.75, ("stream", True, 21): 3.19,
+                ("stream", True, 9): 2.10, ("none", False, 21): 37.53, ("none", False, 9): 33.57}
+
+
+@pytest.mark.parametrize("key", list(MEASURED_GIB), ids=lambda k: f"{k[0]}-fp8={k[1]}-latent_frames={k[2]}")
+def test_wan14b_estimates_are_within_15_percent_of_the_measured_peaks(key):
+    offload, fp8, latent_frames = key
     comp = planner.Components(_comp().denoisers, {})  # the denoising phase alone, as the bench measured it
-    run81 = planner.RunShape(21, 60, 104, True)
+    est = planner.estimate(planner.Plan(offload, fp8=fp8), comp, planner.RunShape(latent_frames, 60, 104, True))
+    assert est.allocated_peak / GiB == pytest.approx(MEASURED_GIB[key], rel=0.15)
+    # what must be free adds the allocator's slack and the CUDA context on top
+    assert est.vram_peak > est.allocated_peak
+
+
+def test_stream_pins_the_blocks_once_and_fp8_halves_it():
+    comp, run81 = planner.Components(_comp().denoisers, {}), planner.RunShape(21, 60, 104, True)
     est = planner.estimate(planner.Plan("stream"), comp, run81)
-    # measured on the GPU (lean forward, eager, batch-2 step): 3.85 GiB; the estimate is an upper bound
-    assert 3.85 * GiB < est.vram_peak < 3.85 * GiB + 1.5 * GiB
-    run33 = planner.RunShape(9, 60, 104, True)
-    assert 2.75 * GiB < planner.estimate(planner.Plan("stream"), comp, run33).vram_peak < 4.25 * GiB
-    fp8_33 = planner.estimate(planner.Plan("stream", fp8=True), comp, run33).vram_peak
-    assert 2.10 * GiB < fp8_33 < 3.6 * GiB  # measured 2.10 GiB
     assert est.pinned_bytes > 28 * GiB
     fp8 = planner.estimate(planner.Plan("stream", fp8=True), comp, run81)
     assert fp8.pinned_bytes == pytest.approx(est.pinned_bytes / 2, rel=0.01)
-    none = planner.estimate(planner.Plan("none"), comp, run81)
-    assert 36 * GiB < none.vram_peak < 40 * GiB  # measured 37.5 GiB
 
 
 def test_plans_are_ordered_fastest_first_and_each_needs_less_vram():
@@ -62,7 +69,7 @@ def test_choose_picks_fastest_that_fits_and_refuses_with_smallest_settings():
     assert planner.choose(comp, run, 80 * GiB, 200 * GiB).plan == planner.Plan("none")
     assert planner.choose(comp, run, 16 * GiB, 200 * GiB).plan.offload == "stream"
     assert planner.choose(comp, run, 7 * GiB, 200 * GiB).plan == planner.Plan("stream")
-    small = planner.choose(comp, run, 4.6 * GiB, 200 * GiB).plan
+    small = planner.choose(comp, run, 4.2 * GiB, 200 * GiB).plan
     assert small.offload in ("stream", "sequential") and small.fp8
     with pytest.raises(planner.NothingFits) as err:
         planner.choose(comp, run, 1 * GiB, 200 * GiB)

@@ -22,8 +22,8 @@ ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
 # Lean chunked forward (memory/lean_wan.py): the whole-sequence tensors alive in a block are the hidden states
 # (updated in place) plus keys and values, plus one chunk's temporaries (4,096 rows). Measured on an H200
 # (bench/RESULTS.md, "Offload engine", round 2): 81 frames 3.85 GiB eager / 3.67 compiled, 33 frames 2.75 / 2.56,
-# for slots 1.5 GiB + this term; the estimate also counts the non-block weights (the condition embedder is only
-# on the GPU before the blocks run), so it is an upper bound by ~1 GiB.
+# for slots 1.5 GiB + this term. The non-block weights (mostly the condition embedder) are on the GPU only before
+# the blocks run, so the planner counts them in a separate, earlier phase (planner.estimate).
 LEAN_SEQUENCE_TENSORS = 3
 LEAN_CHUNK_BYTES = int(0.45 * 2**30)
 # A component streamed leaf by leaf (offload.stream.STREAM_OTHERS_ABOVE) needs its largest leaf (UMT5-XXL's

@@ -82,9 +82,10 @@ class Components:
 @dataclass(frozen=True)
 class Estimate:
     plan: Plan
-    vram_peak: int
+    vram_peak: int  # what must be free: the allocated peak plus allocator slack and CUDA context
     host_bytes: int
     pinned_bytes: int
+    allocated_peak: int = 0  # what torch.cuda.max_memory_allocated should read (compared in bench/RESULTS.md)
 
     def describe(self) -> str:
         return (f"plan: {self.plan.describe()}; estimated peak VRAM {self.vram_peak / GiB:.1f} GiB, host RAM "
@@ -105,7 +106,9 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
             # lean chunked forward: fp8 blocks stay fp8 in the slots, upcast one Linear at a time
             store = d.block_bytes // 2 if plan.fp8 else d.block_bytes
             slots = 2 * store + (d.block_bytes * 2 // 5 if plan.fp8 else 0)
-            peak = d.non_block_bytes + slots + lean_activation_bytes(n, d.hidden, batch)
+            # The condition embedder (most of the non-block weights) is on the GPU only before the blocks run,
+            # when the activations are still small; the blocks' phase holds the slots and the sequence tensors.
+            peak = max(d.non_block_bytes + slots, slots + lean_activation_bytes(n, d.hidden, batch))
             pinned += store * d.layers
         elif plan.offload == "model":
             peak = d.total_bytes + act
@@ -119,9 +122,9 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
         encoders = max((min(v, STREAMED_COMPONENT_PEAK) for v in comp.others.values()), default=0)
     else:
         encoders = max(comp.others.values(), default=0)
-    vram = max(d_peak, encoders, comp.vae_decode_peak) + FIXED_OVERHEAD
+    allocated = max(d_peak, encoders, comp.vae_decode_peak)
     weights_host = comp.denoiser_bytes // (2 if plan.fp8 else 1) + sum(comp.others.values())
-    return Estimate(plan, int(vram), int(weights_host), int(pinned))
+    return Estimate(plan, int(allocated + FIXED_OVERHEAD), int(weights_host), int(pinned), int(allocated))
 
 
 class NothingFits(VramwiseError):
