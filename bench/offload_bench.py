@@ -279,6 +279,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
+    global W, H
     ap = argparse.ArgumentParser()
     ap.add_argument("--groups", default="ours,group,diffusers,comfy")
     ap.add_argument("--frames", default="81,33")
@@ -294,7 +295,9 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=0, help="lean forward chunk, batch x tokens rows")
     ap.add_argument("--fp8", default="0,1", help="stream variants to run: 0 = bf16, 1 = fp8 storage")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--size", default="832x480", help="video width x height, e.g. 1280x720")
     args = ap.parse_args()
+    W, H = (int(v) for v in args.size.lower().split("x"))
     if args.only:
         run_group(args.only, args)
         return
@@ -304,7 +307,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", group, "--frames", args.frames, "--layers", str(args.layers),
                "--repeat", str(args.repeat), "--depth", str(args.depth), "--ffn-chunk", str(args.ffn_chunk),
                "--comfy-budget-gb", str(args.comfy_budget_gb), "--lean", str(args.lean), "--chunk-rows",
-               str(args.chunk_rows), "--fp8", args.fp8] + (["--quick"] if args.quick else [])
+               str(args.chunk_rows), "--fp8", args.fp8, "--size", args.size] + (["--quick"] if args.quick else [])
         cmd += ["--skip-none"] if args.skip_none else []
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
