@@ -6,8 +6,8 @@ from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
-from .unload import VRAMWiseUnloadModels
 from .token_merge import VRAMWiseTokenMerge
+from .unload import VRAMWiseUnloadModels
 from .vae_decode import VRAMWiseVAEDecode
 from .video_writer import VRAMWiseVideoWriter
 
