@@ -12,7 +12,7 @@ from ..vramwise.precision import WeightDtype
 from ..vramwise.single_file import SingleFileSpec
 from . import comfy_bridge as comfy
 from .comfy_bridge import io
-from .model_loader import VRAMWiseModelLoader
+from .model_loader import VRAMWiseModelLoader, loader_fingerprint
 from .types import CATEGORY, VramwiseModelType
 
 NONE = "none"
@@ -92,7 +92,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs) -> tuple:
-        return tuple(sorted((k, str(v)) for k, v in kwargs.items())) + (CACHE.generation,)
+        return loader_fingerprint(**kwargs)
 
     @classmethod
     def execute(

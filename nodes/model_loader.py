@@ -17,6 +17,12 @@ _MODES_HELP = "\n".join(f"{m.value}: {d}" for m, d in DESCRIPTIONS.items())
 _FAMILIES_HELP = "; ".join(c.label for c in FAMILY_CLASSES)
 
 
+def loader_fingerprint(**inputs) -> tuple:
+    """Loader inputs plus the cache generation: after an unload ComfyUI's cached output would point at released
+    weights, so a changed generation makes it run the loader again."""
+    return tuple(sorted((k, str(v)) for k, v in inputs.items())) + (CACHE.generation,)
+
+
 class VRAMWiseModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -77,8 +83,7 @@ class VRAMWiseModelLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs) -> tuple:
-        # After an unload the cached output would point at released weights: re-run the loader then.
-        return tuple(sorted((k, str(v)) for k, v in kwargs.items())) + (CACHE.generation,)
+        return loader_fingerprint(**kwargs)
 
     @classmethod
     def execute(cls, model: str, offload_mode: str, weight_dtype: str, text_encoder_on_cpu: bool,
