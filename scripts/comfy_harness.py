@@ -187,6 +187,10 @@ class ComfyServer:
         with self._events_lock:
             return [e for e in self.events if (e.get("data") or {}).get("prompt_id") == prompt_id]
 
+    def progress(self, prompt_id: str, node: str) -> list[dict[str, Any]]:
+        """The progress messages ({value, max, ...}) one node of a prompt sent, in order."""
+        return [e["data"] for e in self.events_for(prompt_id) if e.get("type") == "progress" and e["data"].get("node") == node]
+
     def wait_for_event(self, prompt_id: str, kind: str, timeout: float = 120.0) -> dict[str, Any]:
         deadline = time.time() + timeout
         while time.time() < deadline:

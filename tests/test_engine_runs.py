@@ -8,25 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from vramwise.decode import TilingMode, TilingOptions, decode_latents
 from vramwise.errors import InputError, SamplingError
-from vramwise.families.base import GenerationRequest
 from vramwise.handles import VramwiseModel
-from vramwise.image_prep import ResizeMode, fit_image
 from vramwise.loader import LoadOptions, PipelineCache, load_pipeline
 from vramwise.offload import OffloadMode
 from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 
-from observers import Cancelled, Recorder
+from engine_helpers import Cancelled, Recorder
+from engine_helpers import tiny_wan_request as _request
 
 CPU = torch.device("cpu")
-
-
-def _request(**kw) -> GenerationRequest:
-    gen = torch.Generator().manual_seed(0)
-    image = fit_image(torch.rand(48, 64, 3, generator=gen), 64, 64, ResizeMode.CROP)
-    base = dict(image=image, prompt="a ball rolls", negative_prompt="", width=64, height=64, num_frames=5,
-                steps=2, cfg=5.0, seed=3, shift=3.0)
-    return GenerationRequest(**{**base, **kw})
 
 
 

@@ -22,7 +22,7 @@ from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from observers import Cancelled, Recorder
+from engine_helpers import Cancelled, Recorder
 
 MODEL = "tiny-easyanimate-v51-inp"
 LEGACY = "tiny-easyanimate-v5-legacy"

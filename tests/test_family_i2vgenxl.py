@@ -22,7 +22,7 @@ from vramwise.preview import latent_preview
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from observers import Cancelled, Recorder
+from engine_helpers import Cancelled, Recorder
 
 MODEL = "tiny-i2vgenxl"
 CPU = torch.device("cpu")

@@ -6,31 +6,16 @@ from __future__ import annotations
 import torch
 
 from vramwise.decode import TilingMode, TilingOptions, decode_latents
-from vramwise.families.base import GenerationRequest
 from vramwise.handles import VramwiseModel
-from vramwise.image_prep import ResizeMode, fit_image
 from vramwise.loader import LoadOptions, PipelineCache
 from vramwise.memory.planned_run import drop_scheduler_state, generate_with_plan
 from vramwise.offload import OffloadMode
 from vramwise.precision import WeightDtype
 
+from engine_helpers import Recorder
+from engine_helpers import tiny_wan_request as _request
+
 CPU = torch.device("cpu")
-
-
-def _request(**kw) -> GenerationRequest:
-    gen = torch.Generator().manual_seed(0)
-    image = fit_image(torch.rand(48, 64, 3, generator=gen), 64, 64, ResizeMode.CROP)
-    base = dict(image=image, prompt="a ball rolls", negative_prompt="", width=64, height=64, num_frames=5,
-                steps=2, cfg=5.0, seed=3, shift=3.0)
-    return GenerationRequest(**{**base, **kw})
-
-
-class _Quiet:
-    def on_step(self, step, total, latents):
-        pass
-
-    def check_cancel(self):
-        pass
 
 
 def _load(root, mode=OffloadMode.STREAM):
@@ -41,7 +26,7 @@ def _load(root, mode=OffloadMode.STREAM):
 
 def test_decode_oom_retries_tiled_then_with_smaller_tiles(tiny_models_root, monkeypatch):
     cache, model = _load(tiny_models_root, OffloadMode.NONE)
-    latent, _ = generate_with_plan(model, _request(), _Quiet(), cache=cache)
+    latent, _ = generate_with_plan(model, _request(), Recorder(), cache=cache)
     family = model.loaded.family
     real_decode, real_tiling = family.decode, family.vae_tiling
     seen = []
@@ -65,7 +50,7 @@ def test_decode_oom_retries_tiled_then_with_smaller_tiles(tiny_models_root, monk
 
 def test_decode_gives_up_at_the_smallest_tile(tiny_models_root, monkeypatch):
     cache, model = _load(tiny_models_root, OffloadMode.NONE)
-    latent, _ = generate_with_plan(model, _request(), _Quiet(), cache=cache)
+    latent, _ = generate_with_plan(model, _request(), Recorder(), cache=cache)
 
     def decode(loaded, samples):
         raise torch.OutOfMemoryError("CUDA out of memory (fake)")
@@ -85,7 +70,7 @@ def test_text_encoder_oom_moves_the_text_encoder_to_the_cpu_and_retries(tiny_mod
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB (fake)")
 
     first_pipe.text_encoder.register_forward_pre_hook(boom)
-    latent, report = generate_with_plan(model, _request(), _Quiet(), cache=cache)
+    latent, report = generate_with_plan(model, _request(), Recorder(), cache=cache)
     assert any("text encoder" in line and "CPU" in line for line in report), report
     assert model.loaded.options.text_encoder_on_cpu and model.loaded.pipe is not first_pipe
     assert torch.isfinite(latent.samples).all()
@@ -101,14 +86,14 @@ def test_an_oom_elsewhere_is_not_blamed_on_the_text_encoder(tiny_models_root):
     import pytest
 
     with pytest.raises(torch.OutOfMemoryError):
-        generate_with_plan(model, _request(), _Quiet(), cache=cache)
+        generate_with_plan(model, _request(), Recorder(), cache=cache)
     handle.remove()
     assert not model.loaded.options.text_encoder_on_cpu
 
 
 def test_scheduler_state_on_the_cpu_is_left_alone(tiny_models_root):
     cache, model = _load(tiny_models_root, OffloadMode.STREAM)
-    generate_with_plan(model, _request(), _Quiet(), cache=cache)
+    generate_with_plan(model, _request(), Recorder(), cache=cache)
     sched = model.loaded.pipe.scheduler
     before = dict(vars(sched))
     drop_scheduler_state(model.loaded.pipe)

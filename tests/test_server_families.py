@@ -74,9 +74,7 @@ def test_progress_event_arrives_for_every_step(comfy_server, model):
     steps = 3
     prompt_id = comfy_server.queue(_prompt(model, steps=steps, save="preview"))
     _success(comfy_server.wait(prompt_id))
-    progress = [
-        e["data"] for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"
-    ]
+    progress = comfy_server.progress(prompt_id, "3")
     assert [p["value"] for p in progress] == list(range(1, steps + 1))
     assert all(p["max"] == steps for p in progress)
 
@@ -92,8 +90,8 @@ def test_cancel_mid_run_then_the_next_prompt_succeeds(comfy_server, model):
     kinds = [k for k, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
     assert time.time() - started < 30
-    progress = [e for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"]
-    assert progress[-1]["data"]["value"] < steps
+    progress = comfy_server.progress(prompt_id, "3")
+    assert progress[-1]["value"] < steps
     _success(comfy_server.run(_prompt(model, seed=5)))
 
 

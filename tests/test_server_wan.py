@@ -85,9 +85,7 @@ def test_progress_event_arrives_for_every_step(comfy_server):
     steps = 4
     prompt_id = comfy_server.queue(i2v_prompt(steps=steps, save="preview"))
     _success(comfy_server.wait(prompt_id))
-    progress = [
-        e["data"] for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"
-    ]
+    progress = comfy_server.progress(prompt_id, "3")
     assert [p["value"] for p in progress] == list(range(1, steps + 1))
     assert all(p["max"] == steps for p in progress)
 
@@ -101,8 +99,8 @@ def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
     kinds = [k for k, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
     assert time.time() - started < 30
-    progress = [e for e in comfy_server.events_for(prompt_id) if e["type"] == "progress" and e["data"]["node"] == "3"]
-    assert progress[-1]["data"]["value"] < 200
+    progress = comfy_server.progress(prompt_id, "3")
+    assert progress[-1]["value"] < 200
     _success(comfy_server.run(i2v_prompt(seed=3)))
 
 

@@ -1,8 +1,20 @@
-"""Sampling observers for engine tests: record progress, cancel on a chosen step."""
+"""Shared pieces of the engine tests: a tiny Wan request and sampling observers."""
 
 from __future__ import annotations
 
 import torch
+
+from vramwise.families.base import GenerationRequest
+from vramwise.image_prep import ResizeMode, fit_image
+
+
+def tiny_wan_request(**overrides) -> GenerationRequest:
+    """A 64x64, 5-frame, 2-step request on a fixed random picture (the tiny Wan models' size)."""
+    gen = torch.Generator().manual_seed(0)
+    image = fit_image(torch.rand(48, 64, 3, generator=gen), 64, 64, ResizeMode.CROP)
+    base = dict(image=image, prompt="a ball rolls", negative_prompt="", width=64, height=64, num_frames=5,
+                steps=2, cfg=5.0, seed=3, shift=3.0)
+    return GenerationRequest(**{**base, **overrides})
 
 
 class Cancelled(Exception):
