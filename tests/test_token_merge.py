@@ -1,4 +1,4 @@
-"""Token merging: the matching itself, the DiT processors, tomesd on I2VGen-XL, and whole runs on the tiny models."""
+"""Token merging: the pairing itself, the DiT processors, tomesd on I2VGen-XL, and whole runs on the tiny models."""
 
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ from vramwise.token_merge import (
     UnetMergeSettings,
     patch_dit,
     patch_unet,
-    plan_merge,
-    proportional_attention,
+    WINDOWS,
+    plan_pairs,
+    size_grouped_attention,
     step_active,
 )
 from vramwise.token_merge.dit import self_attention_modules
-from vramwise.token_merge.matching import window_layout
+from vramwise.token_merge.pairing import WINDOW_TOKENS, greedy_pairs, pair_layout, tokens_to_remove
 from vramwise.token_merge.unet import spatial_blocks
 
 CPU = torch.device("cpu")
@@ -51,96 +52,158 @@ def _load(root, name: str, mode: OffloadMode = OffloadMode.NONE, dtype: WeightDt
     return VramwiseModel(load_pipeline(LoadOptions(root / name, mode, dtype), CPU))
 
 
-# ----------------------------------------------------------------------------- the matching
+# ----------------------------------------------------------------------------- the pairing
 
 
-GRIDS = [(2, 4, 4), (3, 5, 6), (5, 6, 8), (1, 4, 4)]
+GRIDS = [(2, 4, 4), (3, 5, 6), (5, 6, 8), (1, 4, 4), (4, 9, 10)]
+
+
+def _member_sets(plan, row: int) -> list[torch.Tensor]:
+    return [ids[row, i] for _, ids in plan.groups for i in range(ids.shape[1])]
 
 
 @pytest.mark.parametrize("window", ["spatial", "spatial+temporal"])
 @pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
-def test_every_token_is_accounted_for_and_the_first_frame_never_merges(grid, window, ratio):
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.6, 0.75, 0.9])
+def test_every_token_is_in_exactly_one_key_and_the_first_frame_never_merges(grid, window, ratio):
     n = grid[0] * grid[1] * grid[2]
     metric = torch.randn(2, n, 8, generator=torch.Generator().manual_seed(1))
-    plan = plan_merge(metric, grid, ratio, window)
+    plan = plan_pairs(metric, grid, ratio, window)
     if grid[0] == 1:  # the only frame is the image frame
         assert plan is None
         return
     layout = plan.layout
     frame = grid[1] * grid[2]
-    assert torch.equal(layout.protected, torch.arange(frame))
+    assert torch.equal(layout.fixed[:frame], torch.arange(frame))
+    assert layout.fixed.numel() - frame < WINDOW_TOKENS, "only a short tail outside the windows stays unmerged"
+    remove = tokens_to_remove(layout, ratio)
+    assert abs(remove - min(round(ratio * (n - frame)), layout.windows.shape[0] * 15)) <= 0.05 * (n - frame) / 2
     for b in range(2):
-        ids = torch.cat([layout.protected, layout.dst_kept, plan.kept_tok[b], plan.merged_tok[b]])
+        ids = torch.cat([layout.fixed, *_member_sets(plan, b)])
         assert torch.equal(ids.sort().values, torch.arange(n)), "each token exactly once"
-    assert (plan.merged_tok >= frame).all() and (plan.kept_tok >= frame).all() and (layout.dst_kept >= frame).all()
-    # sizes count the tokens each destination stands for; keys shrink by exactly the merged count
-    assert torch.equal(plan.sizes.sum(1), torch.full((2,), float(layout.dst_kept.numel() + plan.merged_tok.shape[1])))
-    assert plan.num_keys == n - plan.merged_tok.shape[1]
-    assert plan.merged_tok.shape[1] == min(layout.num_src, round(ratio * (n - frame)))
+        assert all((m >= frame).all() for m in _member_sets(plan, b))
+    assert plan.num_keys == n - remove
+    sizes = plan.sizes
+    assert sizes == sorted(set(sizes)) and len(sizes) <= 3 and all(s & (s - 1) == 0 for s in sizes)
     x = torch.randn(2, n, 6)
-    assert plan.reduce(x).shape == (2, plan.num_keys, 6)
-    assert plan.log_size.shape == (2, plan.num_keys)
+    parts = plan.reduce(x)
+    assert [p.shape[0] for p in parts] == [2] * len(sizes) and all(p.shape[2] == 6 for p in parts)
+    assert sum(p.shape[1] for p in parts) == plan.num_keys
+    assert plan.log_size().shape == (plan.num_keys,)
+    # each reduced key is the mean of its members; unmerged tokens (image frame first) come through as they are
+    expected = [] if plan.groups[0][0] == 1 else [x[:, layout.fixed]]
+    for size, ids in plan.groups:
+        means = torch.stack([x[b, ids[b]].mean(1) for b in range(2)])
+        expected.append(torch.cat([x[:, layout.fixed], means], 1) if size == 1 else means)
+    for got, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_partners_come_from_the_same_window():
-    grid = (3, 8, 8)  # windows of 4x4 tokens (spatial)
-    n = 3 * 64
-    plan = plan_merge(torch.randn(1, n, 8), grid, 0.6, "spatial")
-    dst = plan.layout.dst_kept[plan.target_slot[0]]
-    src = plan.merged_tok[0]
+@pytest.mark.parametrize("ratio,sizes", [(0.25, [1, 2]), (0.5, [1, 2]), (0.6, [1, 2, 4]), (0.75, [1, 4]),
+                                         (0.9, [1, 8, 16])])
+def test_every_merged_key_stands_for_a_power_of_two_tokens(ratio, sizes):
+    grid = (3, 8, 8)  # two frames of whole windows after the image frame
+    plan = plan_pairs(torch.randn(1, 3 * 64, 8), grid, ratio, "spatial")
+    assert plan.sizes == sizes
 
-    def window_of(t):
+
+def test_a_tail_outside_the_windows_adds_no_tiny_size_group():
+    for g in ((2, 30, 52), (3, 45, 80), (4, 33, 61)):  # tails of 8, 0 and 7 tokens after the last window
+        for window in WINDOWS:
+            plan = plan_pairs(torch.randn(1, g[0] * g[1] * g[2], 8), g, 0.5, window)
+            assert plan.sizes == [1, 2]
+            assert plan.layout.fixed.numel() - g[1] * g[2] == (g[0] - 1) * g[1] * g[2] % 16
+
+
+def test_members_of_a_key_come_from_one_window():
+    grid = (3, 8, 8)
+    plan = plan_pairs(torch.randn(1, 3 * 64, 8), grid, 0.8, "spatial")
+
+    def window_of(t: int) -> tuple[int, int, int]:
         f, rem = divmod(t, 64)
         return f, (rem // 8) // 4, (rem % 8) // 4
 
-    assert all(window_of(int(s)) == window_of(int(d)) for s, d in zip(src, dst))
+    for members in _member_sets(plan, 0):
+        assert len({window_of(int(t)) for t in members}) == 1
 
 
-@pytest.mark.parametrize("impl", ["mask", "fold"])
+def test_greedy_pairs_is_one_to_one_and_takes_the_best_pair_first():
+    sim = torch.randn(3, 5, 8, 8, generator=torch.Generator().manual_seed(2))
+    partner, score = greedy_pairs(sim)
+    assert partner.shape == score.shape == (3, 5, 8)
+    assert torch.equal(partner.sort(-1).values, torch.arange(8).expand(3, 5, 8))
+    torch.testing.assert_close(score, sim.gather(-2, partner.unsqueeze(-2)).squeeze(-2))
+    # the overall best entry of every block is one of the chosen pairs
+    assert torch.equal(score.amax(-1), sim.flatten(-2).amax(-1))
+    # greedy, not "each destination its favourite": destination 0 prefers source 0 but loses it to destination 1
+    partner, _ = greedy_pairs(torch.tensor([[0.8, 0.9], [0.1, 0.0]]))
+    assert partner.tolist() == [1, 0]
+    nan = greedy_pairs(torch.full((4, 4), float("nan")))[0]
+    assert sorted(nan.tolist()) == [0, 1, 2, 3], "a NaN metric still pairs every token once"
+
+
+def _twin_keys(layout, n: int, channels: int, twins_per_window: int | None = None) -> torch.Tensor:
+    """Random tokens where window slots 2i and 2i+1 are identical (for the first ``twins_per_window`` pairs)."""
+    x = torch.randn(1, n, channels, generator=torch.Generator().manual_seed(3))
+    for win in layout.windows:
+        for i in range(twins_per_window if twins_per_window is not None else len(win) // 2):
+            x[:, win[2 * i + 1]] = x[:, win[2 * i]]
+    return x
+
+
+@pytest.mark.parametrize("impl", ["groups", "bias"])
 @pytest.mark.parametrize("window", ["spatial", "spatial+temporal"])
-def test_merging_exact_duplicates_gives_size_two_and_unchanged_attention(impl, window):
-    """Proportional attention makes merging identical tokens exact: log(size) restores their softmax share."""
-    torch.manual_seed(0)
-    grid, heads, d = (3, 4, 4), 2, 8
-    n = 48
-    layout = window_layout(grid, window, 0.5, 1, CPU)
-    k = torch.randn(1, n, heads * d)
-    v = torch.randn(1, n, heads * d)
-    # Give each real destination exactly one identical source twin (the first source of its window that is left).
-    twins = []
-    for w in range(layout.src_tok.shape[0]):
-        srcs = [int(s) for s, ok in zip(layout.src_tok[w], layout.src_valid[w]) if ok]
-        for dst, ok in zip(layout.dst_tok[w], layout.dst_valid[w]):
-            if ok and srcs:
-                s = srcs.pop(0)
-                k[:, s], v[:, s] = k[:, dst], v[:, dst]
-                twins.append((s, int(dst)))
-    ratio = len(twins) / layout.mergeable
-    metric = k.view(1, n, heads, d).mean(2)
-    plan = plan_merge(metric, grid, ratio, window)
-    assert plan.merged_tok.shape[1] == len(twins)
-    assert sorted(plan.merged_tok[0].tolist()) == sorted(s for s, _ in twins)
-    assert sorted(plan.sizes[0].tolist()) == [1.0] * (layout.dst_kept.numel() - len(twins)) + [2.0] * len(twins)
-
+def test_merging_exact_duplicates_leaves_attention_unchanged(impl, window):
+    """Proportional attention makes merging identical tokens exact: each merged key keeps its members' share."""
+    grid, heads, d = (3, 4, 8), 2, 8
+    n = 3 * 32
+    layout = pair_layout(grid, window, 1, CPU)
+    k = _twin_keys(layout, n, heads * d)
+    v = _twin_keys(layout, n, heads * d)
+    plan = plan_pairs(k.view(1, n, heads, d).mean(2), grid, 0.5, window)
+    assert plan.sizes == [1, 2]
+    for members in _member_sets(plan, 0):
+        assert torch.equal(k[0, members[0]], k[0, members[1]]), "the twins were paired"
     q = torch.randn(1, heads, n, d)
     split = lambda t: t.view(1, -1, heads, d).transpose(1, 2)  # noqa: E731
     full = F.scaled_dot_product_attention(q, split(k), split(v))
-    merged = proportional_attention(q, split(plan.reduce(k)), split(plan.reduce(v)), plan.log_size, impl)
-    assert merged.shape == full.shape
+    keys, values = [split(t) for t in plan.reduce(k)], [split(t) for t in plan.reduce(v)]
+    merged = size_grouped_attention(q, keys, values, plan.sizes, impl)
     torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
-    # Without the size bias the same merge is not exact: the bias is what makes it so.
-    plain = proportional_attention(q, split(plan.reduce(k)), split(plan.reduce(v)), None)
+    # Without the size weighting the same merge is not exact: the weighting is what makes it so.
+    plain = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))
     assert (plain - full).abs().max() > 1e-3
 
 
-def test_mask_and_fold_agree_on_random_sizes():
-    torch.manual_seed(1)
-    q, k, v = torch.randn(2, 3, 20, 16), torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16)
-    log_size = torch.rand(2, 11) * 2
-    ref = torch.softmax(q @ k.transpose(-1, -2) / 4 + log_size[:, None, None, :], -1) @ v
-    for impl in ("mask", "fold"):
-        torch.testing.assert_close(proportional_attention(q, k, v, log_size, impl), ref, atol=1e-5, rtol=1e-5)
+def test_a_partial_round_merges_the_most_similar_pairs():
+    grid = (3, 4, 8)
+    n = 3 * 32
+    layout = pair_layout(grid, "spatial", 1, CPU)
+    metric = _twin_keys(layout, n, 8, twins_per_window=3)  # 3 identical pairs in each of the 4 windows
+    plan = plan_pairs(metric, grid, 12 / 64, "spatial")
+    assert plan.sizes == [1, 2] and plan.groups[1][1].shape[1] == 12
+    for members in plan.groups[1][1][0]:
+        assert torch.equal(metric[0, members[0]], metric[0, members[1]])
+
+
+@pytest.mark.parametrize("impl", ["groups", "bias"])
+def test_size_groups_give_the_size_weighted_softmax(impl):
+    torch.manual_seed(4)
+    b, h, sq, d = 2, 3, 20, 16
+    counts, sizes = [7, 5, 3], [1, 2, 4]
+    dtype = torch.float64 if impl == "groups" else torch.float32
+    q = torch.randn(b, h, sq, d, dtype=dtype)
+    keys = [torch.randn(b, h, m, d, dtype=dtype) for m in counts]
+    values = [torch.randn(b, h, m, d, dtype=dtype) for m in counts]
+    bias = torch.cat([torch.full((m,), math.log(s), dtype=dtype) for m, s in zip(counts, sizes)])
+    ref = torch.softmax(q @ torch.cat(keys, 2).transpose(-1, -2) / 4 + bias, -1) @ torch.cat(values, 2)
+    got = size_grouped_attention(q, keys, values, sizes, impl)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    # one group: the size is a constant and cancels
+    torch.testing.assert_close(
+        size_grouped_attention(q, keys[:1], values[:1], [4], impl), F.scaled_dot_product_attention(q, keys[0], values[0])
+    )
 
 
 def test_step_range():
@@ -226,6 +289,34 @@ def test_processor_reproduces_the_stock_attention_when_nothing_merges_and_detach
         assert torch.equal(inactive, ref) and torch.equal(after, ref)
         assert all(m.processor is p for m, p in zip(modules, originals))
         assert not transformer._forward_pre_hooks
+    finally:
+        transformer.to(torch.bfloat16)
+
+
+def test_wan_processor_merging_duplicate_tokens_matches_the_stock_processor(wan):
+    """Whole merged self-attention (keys after RoPE, values projected from merged inputs, size groups) is exact
+    for duplicate tokens. RoPE is set to the identity so that duplicate inputs give duplicate keys."""
+    from vramwise.token_merge.dit import MergeState, WanTokenMergeProcessor
+
+    transformer = wan.loaded.pipe.transformer.float()
+    try:
+        attn = transformer.blocks[0].attn1
+        grid = (3, 4, 8)
+        n = 3 * 32
+        layout = pair_layout(grid, "spatial+temporal", 1, CPU)
+        x = _twin_keys(layout, n, transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+        d = transformer.config.attention_head_dim
+        rotary = (torch.ones(1, n, 1, d), torch.zeros(1, n, 1, d))
+        state = MergeState(DitMergeSettings(ratio=0.5, attention_impl="groups"), grid=grid)
+        proc = WanTokenMergeProcessor(attn.processor, state)
+        with torch.no_grad():
+            ref = attn.processor(attn, x, None, None, rotary)
+            got = proc(attn, x, None, None, rotary)
+        assert state.calls == 1
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        state.settings = DitMergeSettings(ratio=0.75, attention_impl="groups")  # twins only pair up in round 1
+        with torch.no_grad():
+            assert not torch.allclose(proc(attn, x, None, None, rotary), ref, atol=1e-4)
     finally:
         transformer.to(torch.bfloat16)
 
@@ -336,56 +427,8 @@ def test_unsupported_denoiser_is_refused_with_the_fix(wan):
         _merge().attach(Fake(), None)
 
 
-def test_log_size_is_log_of_member_count():
-    plan = plan_merge(torch.randn(1, 2 * 16, 4), (2, 4, 4), 0.5, "spatial")
-    sizes = plan.sizes[0]
-    start = plan.layout.protected.numel()
-    torch.testing.assert_close(plan.log_size[0, start : start + sizes.numel()], sizes.log())
-    assert math.isclose(float(sizes.sum()) + plan.kept_tok.shape[1], 16.0)  # the second frame's tokens
-
-
-def test_grouped_attention_equals_the_size_biased_softmax():
-    """``groups``: one plain attention per distinct size, combined by log-sum-exp, is the biased softmax."""
-    torch.manual_seed(4)
-    b, h, sq, m, d = 2, 3, 20, 17, 16
-    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64) for s in (sq, m, m))
-    sizes = torch.randint(1, 6, (b, m)).double()
-    sizes[0, :5] = 1.0  # a large size-1 group, as in a merge plan
-    log_size = sizes.log()
-    logits = q @ k.transpose(-1, -2) / 4 + log_size[:, None, None, :]
-    ref = torch.softmax(logits, -1) @ v
-    got = proportional_attention(q, k, v, log_size, "groups")
-    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
-    # Same as the bias paths in float32, and all sizes equal (the bias cancels) takes the plain path.
-    q32, k32, v32, ls32 = q.float(), k.float(), v.float(), log_size.float()
-    torch.testing.assert_close(
-        proportional_attention(q32, k32, v32, ls32, "groups"), proportional_attention(q32, k32, v32, ls32, "mask"),
-        atol=1e-5, rtol=1e-5,
-    )
-    flat = torch.full((b, m), math.log(3.0), dtype=torch.float64)
-    torch.testing.assert_close(proportional_attention(q, k, v, flat, "groups"), F.scaled_dot_product_attention(q, k, v))
-
-
-def test_grouped_attention_makes_merged_duplicates_exact_through_a_real_plan():
-    torch.manual_seed(5)
-    grid, heads, d = (3, 4, 4), 2, 8
-    n = 48
-    base = torch.randn(1, n // 2, heads * d)
-    k = base.repeat_interleave(2, dim=1)  # neighbouring duplicates: sizes 1, 2, 3... once merged
-    v = torch.randn(1, n // 2, heads * d).repeat_interleave(2, dim=1)
-    plan = plan_merge(k.view(1, n, heads, d).mean(2), grid, 0.5, "spatial")
-    assert plan.sizes.unique().numel() > 1
-    q = torch.randn(1, heads, n, d)
-    split = lambda t: t.view(1, -1, heads, d).transpose(1, 2)  # noqa: E731
-    rk, rv = split(plan.reduce(k)), split(plan.reduce(v))
-    torch.testing.assert_close(
-        proportional_attention(q, rk, rv, plan.log_size, "groups"),
-        proportional_attention(q, rk, rv, plan.log_size, "mask"), atol=1e-5, rtol=1e-5,
-    )
-
-
 def test_combine_partial_attention_is_order_free_and_matches_one_softmax():
-    from vramwise.token_merge.matching import attention_with_lse, combine_partial_attention
+    from vramwise.token_merge.attention import attention_with_lse, combine_partial_attention
 
     torch.manual_seed(6)
     q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)

@@ -1,9 +1,10 @@
 """Token merging for video DiTs (Wan, EasyAnimate) as a swap of the self-attention processors.
 
 The chosen blocks' self-attention processors are replaced by ones that compute queries, keys and values as
-the stock processor does (projections, q/k norms, RoPE), then merge similar keys/values before attention (see
-``matching``). Processors are plain objects, not modules, so offload hooks (accelerate, diffusers group
-offload) and fp8 layerwise casting, which sit on the projection layers and blocks, work unchanged.
+the stock processor does (projections, q/k norms, RoPE), then merge similar keys/values in pairs before attention
+(``pairing``) and weight each merged key by the tokens it stands for (``attention``). Processors are plain
+objects, not modules, so offload hooks (accelerate, diffusers group offload) and fp8 layerwise casting, which sit
+on the projection layers and blocks, work unchanged.
 
 Whenever the patch should not act (outside the step range, an unexpected call, context parallel), the
 replacement calls the stock processor it replaced, so the result is exactly the unpatched one.
@@ -16,7 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .matching import Grid, plan_merge, proportional_attention
+import torch.nn.functional as F
+
+from .attention import default_impl, size_grouped_attention
+from .pairing import Grid, plan_pairs
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class DitMergeSettings:
     skip_first_blocks: int = 0
     skip_last_blocks: int = 0
     protect_frames: int = 1
-    # None: matching.default_impl for the device of each call
+    # None: attention.default_impl for the device of each call
     attention_impl: str | None = None
 
 
@@ -54,8 +58,6 @@ def dit_kind(denoiser: torch.nn.Module) -> str | None:
 
 
 def _impl(state: MergeState, device: torch.device) -> str:
-    from .matching import default_impl
-
     return state.settings.attention_impl or default_impl(device)
 
 
@@ -111,30 +113,40 @@ class WanTokenMergeProcessor:
         ):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
-        if getattr(attn, "fused_projections", False):
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), None
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         heads = attn.heads
-        query = query.unflatten(2, (heads, -1))
-        key = key.unflatten(2, (heads, -1))
-        value = value.unflatten(2, (heads, -1))
-        query = _wan_rope(query, *rotary_emb)
-        key = _wan_rope(key, *rotary_emb)  # [B, N, heads, D]
+        query = _wan_rope(query.unflatten(2, (heads, -1)), *rotary_emb).transpose(1, 2)
+        key = _wan_rope(key.unflatten(2, (heads, -1)), *rotary_emb)  # [B, N, heads, D]
 
         s = st.settings
-        plan = plan_merge(key.mean(dim=2), grid, s.ratio, s.window, s.protect_frames)
-        log_size = None
-        if plan is not None:
-            key = plan.reduce(key.flatten(2)).unflatten(2, (heads, -1))
-            value = plan.reduce(value.flatten(2)).unflatten(2, (heads, -1))
-            log_size = plan.log_size
+        plan = plan_pairs(key.mean(dim=2), grid, s.ratio, s.window, s.protect_frames)
+        if plan is None:
+            value = attn.to_v(hidden_states) if value is None else value
+            out = F.scaled_dot_product_attention(
+                query, key.transpose(1, 2), value.unflatten(2, (heads, -1)).transpose(1, 2)
+            )
+        else:
             st.calls += 1
-        out = proportional_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), log_size, _impl(st, query.device)
-        )
+
+            def heads_first(groups: list[torch.Tensor]) -> list[torch.Tensor]:
+                return [g.unflatten(2, (heads, -1)).transpose(1, 2) for g in groups]
+
+            keys = heads_first(plan.reduce(key.flatten(2)))
+            if value is None:
+                # Values have no norm and no RoPE: the projection of the merged inputs is the merge of the
+                # projections (it is linear), at the cost of half (or less) of the tokens.
+                # One projection call for all groups (an offload hook on to_v then moves its weight once).
+                merged = plan.reduce(hidden_states)
+                values = heads_first(list(attn.to_v(torch.cat(merged, dim=1)).split([g.shape[1] for g in merged], 1)))
+            else:
+                values = heads_first(plan.reduce(value))
+            out = size_grouped_attention(query, keys, values, plan.sizes, _impl(st, query.device))
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -202,20 +214,28 @@ class EasyAnimateTokenMergeProcessor:
         video_v = value[:, :, text_len:]
 
         s = st.settings
-        plan = plan_merge(video_k.mean(dim=1), grid, s.ratio, s.window, s.protect_frames)
-        log_size = None
-        if plan is not None:
+        plan = plan_pairs(video_k.mean(dim=1), grid, s.ratio, s.window, s.protect_frames)
+        text_k, text_v = key[:, :, :text_len], value[:, :, :text_len]
+        if plan is None:
+            out = F.scaled_dot_product_attention(
+                query, torch.cat([text_k, video_k], dim=2), torch.cat([text_v, video_v], dim=2)
+            )
+        else:
+            st.calls += 1
             b, h, n, d = video_k.shape
 
-            def reduce(t: torch.Tensor) -> torch.Tensor:
-                return plan.reduce(t.transpose(1, 2).flatten(2)).unflatten(2, (h, d)).transpose(1, 2)
+            def reduce(t: torch.Tensor) -> list[torch.Tensor]:
+                groups = plan.reduce(t.transpose(1, 2).flatten(2))
+                return [g.unflatten(2, (h, d)).transpose(1, 2) for g in groups]
 
-            video_k, video_v = reduce(video_k), reduce(video_v)
-            log_size = torch.cat([plan.log_size.new_zeros(b, text_len), plan.log_size], dim=1)
-            st.calls += 1
-        key = torch.cat([key[:, :, :text_len], video_k], dim=2)
-        value = torch.cat([value[:, :, :text_len], video_v], dim=2)
-        out = proportional_attention(query, key, value, log_size, _impl(st, query.device))
+            keys, values, sizes = reduce(video_k), reduce(video_v), list(plan.sizes)
+            # Text tokens are never merged: they join the size-1 group.
+            if sizes[0] == 1:
+                keys[0] = torch.cat([text_k, keys[0]], dim=2)
+                values[0] = torch.cat([text_v, values[0]], dim=2)
+            else:
+                keys, values, sizes = [text_k, *keys], [text_v, *values], [1, *sizes]
+            out = size_grouped_attention(query, keys, values, sizes, _impl(st, query.device))
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         text_out, video_out = out[:, :text_len], out[:, text_len:]

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InputError
 from .dit import DitMergeSettings, dit_kind, patch_dit
-from .matching import WINDOWS
+from .pairing import WINDOWS
 from .unet import UnetMergeSettings, is_unet, patch_unet
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class TokenMergePatch:
     skip_first_blocks: int = 2
     skip_last_blocks: int = 2
     window: str = "spatial+temporal"
-    attention_impl: str | None = None  # None: chosen per device (matching.default_impl)
+    attention_impl: str | None = None  # None: chosen per device (attention.default_impl)
     name: str = "token_merge"
     _handles: list[Any] = field(default_factory=list, repr=False, compare=False)
 
