@@ -2,6 +2,7 @@
 
     python3 bench/engine_gpu_checks.py baseline            # memory back to the pre-run baseline after error/cancel
     python3 bench/engine_gpu_checks.py budgets --budgets 24,16,12,8 --frames 81 --steps 4
+    python3 bench/engine_gpu_checks.py budgets --budgets 12 --token-merge 0.5 --no-decode   # merge x stream offload
 
 ``baseline`` uses the tiny Wan2.1 I2V pipeline (scripts/tiny_models.py) per offload mode (none, stream, auto).
 ``budgets`` builds a full-size random Wan2.1-I2V-14B pipeline in memory (transformer 40 layers, UMT5-XXL text
@@ -46,8 +47,15 @@ class Observer:
     def __init__(self, cancel_at: int | None = None) -> None:
         self.cancel_at = cancel_at
         self.steps = 0
+        self.times: list[float] = []  # perf_counter after each step
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of each step after the first (the first also carries the warm-up)."""
+        return [round(b - a, 2) for a, b in zip(self.times, self.times[1:])]
 
     def on_step(self, step, total, latents):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
         self.steps = step
         if self.cancel_at is not None and step >= self.cancel_at:
             raise Cancelled(f"cancel at step {step}")
@@ -281,27 +289,40 @@ def part_budgets(args) -> None:
         + "; ".join(e.describe() for e in getattr(loaded.pipe, '_vramwise_stream', ())))
     model = VramwiseModel(loaded)
     req = request(832, 480, args.frames, args.steps)
+    runs = [("plain", model)]
+    if args.token_merge:
+        from vramwise.token_merge import TokenMergePatch
+
+        patch = TokenMergePatch(ratio=args.token_merge, start_percent=0.0, skip_first_blocks=0, skip_last_blocks=0)
+        runs.append((f"token merge {args.token_merge:g}", model.with_patch(patch)))
     for gib in budgets:
-        emulate_card(gib)
-        settle()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        row = dict(check="budget", budget_gib=gib, frames=args.frames, steps=args.steps, compile=args.compile)
-        try:
-            latent, report = generate_with_plan(model, req, Observer(), vram_budget_gb=gib, headroom_gb=0.0,
-                                                cache=cache)
-            t_sample = time.time() - t0
-            peak_sample = torch.cuda.max_memory_allocated()
+        for label, run_model in runs:
+            emulate_card(gib)
+            settle()
             torch.cuda.reset_peak_memory_stats()
-            t1 = time.time()
-            frames, note = decode_latents(model, latent, TilingOptions())
-            row.update(ok=True, report=report, sample_s=round(t_sample, 1), decode_s=round(time.time() - t1, 1),
-                       decode_note=note, peak_sample_gib=round(peak_sample / GiB, 2),
-                       peak_decode_gib=round(torch.cuda.max_memory_allocated() / GiB, 2),
-                       finite=bool(torch.isfinite(frames).all()), loads=src.loads)
-        except Exception as e:  # noqa: BLE001
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}", s=round(time.time() - t0, 1))
-        result(**row)
+            t0 = time.time()
+            row = dict(check="budget", run=label, budget_gib=gib, frames=args.frames, steps=args.steps,
+                       compile=args.compile)
+            obs = Observer()
+            try:
+                latent, report = generate_with_plan(run_model, req, obs, vram_budget_gb=gib, headroom_gb=0.0,
+                                                    cache=cache)
+                t_sample = time.time() - t0
+                peak_sample = torch.cuda.max_memory_allocated()
+                row.update(ok=True, report=report, sample_s=round(t_sample, 1), step_s=obs.step_seconds(),
+                           peak_sample_gib=round(peak_sample / GiB, 2), loads=src.loads)
+                if not args.no_decode:
+                    torch.cuda.reset_peak_memory_stats()
+                    t1 = time.time()
+                    frames, note = decode_latents(run_model, latent, TilingOptions())
+                    row.update(decode_s=round(time.time() - t1, 1), decode_note=note,
+                               peak_decode_gib=round(torch.cuda.max_memory_allocated() / GiB, 2),
+                               finite=bool(torch.isfinite(frames).all()))
+                else:
+                    row.update(finite=bool(torch.isfinite(latent.samples).all()))
+            except Exception as e:  # noqa: BLE001
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}", s=round(time.time() - t0, 1))
+            result(**row)
     if args.cancel_checks:
         emulate_card(budgets[-1])
         error_and_cancel(model, request(832, 480, 33, 2), f"auto (full 14B, {budgets[-1]:g} GiB card)",
@@ -328,6 +349,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--cancel-checks", action="store_true")
+    ap.add_argument("--token-merge", type=float, default=0.0,
+                    help="budgets: also run each budget with token merging at this ratio (all steps, all blocks)")
+    ap.add_argument("--no-decode", action="store_true", help="budgets: sample only")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     _ftfy_stand_in()

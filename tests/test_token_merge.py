@@ -321,6 +321,28 @@ def test_wan_processor_merging_duplicate_tokens_matches_the_stock_processor(wan)
         transformer.to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("impl", ["groups", "bias"])
+def test_merging_blocks_trace_as_one_graph_for_the_stream_engines_compile(wan, impl):
+    """The stream engine compiles each block with ``fullgraph=True``: the merge must not break the graph."""
+    transformer = wan.loaded.pipe.transformer.float()
+    inputs = _wan_inputs(transformer)
+    handle = patch_dit(transformer, DitMergeSettings(ratio=0.5, attention_impl=impl))
+    try:
+        with torch.no_grad():
+            eager = transformer(**inputs)[0]
+            for block in transformer.blocks:
+                block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, backend="eager")
+            traced = transformer(**inputs)[0]
+        assert handle.state.calls == 2 * len(transformer.blocks)
+        torch.testing.assert_close(traced, eager, atol=1e-5, rtol=1e-5)
+    finally:
+        handle.detach()
+        for block in transformer.blocks:
+            block.__dict__.pop("forward", None)
+        torch._dynamo.reset()
+        transformer.to(torch.bfloat16)
+
+
 def test_unet_patch_touches_only_spatial_blocks_with_the_frame_size(i2vgenxl):
     unet = i2vgenxl.loaded.pipe.unet
     spatial = spatial_blocks(unet)

@@ -58,6 +58,17 @@ class _EncoderWatch:
             h.remove()
 
 
+def _dit_token_merge(model: VramwiseModel):
+    """The model's active token-merge patch when it acts on a video DiT (the planner's concern), else None."""
+    from ..token_merge import TokenMergePatch, merge_method
+
+    for patch in model.patches:
+        if isinstance(patch, TokenMergePatch) and patch.ratio > 0 and model.loaded.pipe is not None:
+            if any(merge_method(d) == "dit" for d in model.loaded.denoisers):
+                return patch
+    return None
+
+
 def generate_with_plan(
     model: VramwiseModel,
     request: GenerationRequest,
@@ -103,12 +114,23 @@ def generate_with_plan(
         revive()
 
     def describe() -> str:
+        nonlocal model
         run = loaded.family.run_info(loaded, request)
-        shape = planner.RunShape(run.latent_frames, run.latent_height, run.latent_width, run.do_cfg)
+        merging = _dit_token_merge(model)
+        shape = planner.RunShape(run.latent_frames, run.latent_height, run.latent_width, run.do_cfg,
+                                 merging is not None)
         comp = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
-        est = planner.estimate(current_plan(), comp, shape)
+        compiled = any(getattr(e, "compiled", False) for e in getattr(loaded.pipe, "_vramwise_stream", ()))
+        est = planner.estimate(current_plan(), comp, shape, compiled)
         if auto and loaded.device.type == "cuda":
             budget = planner.vram_budget(loaded.device, vram_budget_gb or None, headroom_gb)
+            why = planner.token_merge_conflict(est.plan, comp, shape, budget, compiled)
+            if why:
+                report.append(why)
+                log.warning(why)
+                model = dataclasses.replace(model, patches=tuple(p for p in model.patches if p is not merging))
+                shape = dataclasses.replace(shape, token_merge=False)
+                est = planner.estimate(est.plan, comp, shape, compiled)
             if est.vram_peak > budget:
                 better = planner.choose(comp, shape, budget, host_available_bytes(), planner.PLANS.index(est.plan))
                 if better.plan != est.plan:

@@ -7,6 +7,8 @@ Plans, fastest first (each later one needs less VRAM):
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, TypeVar
@@ -16,7 +18,7 @@ import torch
 from ..device import is_oom
 from ..errors import VramwiseError
 from .estimates import (FIXED_OVERHEAD, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
-                        lean_activation_bytes, tokens)
+                        lean_activation_bytes, token_merge_extra_bytes, tokens)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +54,7 @@ class RunShape:
     latent_height: int
     latent_width: int
     do_cfg: bool = True
+    token_merge: bool = False  # a DiT token-merge patch is active (no lean forward, bigger attention)
 
 
 # Wan defaults: 480x832, 81 frames -> latent 21 x 60 x 104
@@ -99,6 +102,8 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
     for d in comp.denoisers:
         n = tokens(run.latent_frames, run.latent_height, run.latent_width, d.patch)
         act = activation_bytes(n, d.hidden, batch, compiled)
+        if run.token_merge:
+            act += token_merge_extra_bytes(n, d.hidden, batch)
         if plan.offload == "none":
             weights = comp.denoiser_bytes  # both experts stay resident
             peak = weights + sum(comp.others.values()) + act
@@ -108,7 +113,8 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
             slots = 2 * store + (d.block_bytes * 2 // 5 if plan.fp8 else 0)
             # The condition embedder (most of the non-block weights) is on the GPU only before the blocks run,
             # when the activations are still small; the blocks' phase holds the slots and the sequence tensors.
-            peak = max(d.non_block_bytes + slots, slots + lean_activation_bytes(n, d.hidden, batch))
+            blocks_phase = act if run.token_merge else lean_activation_bytes(n, d.hidden, batch)
+            peak = max(d.non_block_bytes + slots, slots + blocks_phase)
             pinned += store * d.layers
         elif plan.offload == "model":
             peak = d.total_bytes + act
@@ -129,6 +135,27 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
 
 class NothingFits(VramwiseError):
     pass
+
+
+def token_merge_conflict(plan: Plan, comp: Components, run: RunShape, vram_budget: int,
+                         compiled: bool = False) -> str | None:
+    """Why token merging should sit out this run, or None to keep it.
+
+    Merging is a speed option; it should never be what pushes a run off its plan (e.g. from stream to
+    sequential, 5x slower) or out of memory. So when ``plan`` fits the budget without merging but not with it,
+    the run goes without it, and this says why and how to get it back.
+    """
+    if not run.token_merge:
+        return None
+    merged = estimate(plan, comp, run, compiled)
+    if merged.vram_peak <= vram_budget:
+        return None
+    plain = estimate(plan, comp, dataclasses.replace(run, token_merge=False), compiled)
+    if plain.vram_peak > vram_budget:
+        return None  # the plan has to change either way; merging is not what decides it
+    return (f"token merge off for this run: with it the '{plan.describe()}' plan needs ~{merged.vram_peak / GiB:.1f} "
+            f"GiB (budget {vram_budget / GiB:.1f} GiB), without it ~{plain.vram_peak / GiB:.1f} GiB. To merge, lower "
+            f"num_frames or width/height, or raise vram_budget_gb.")
 
 
 def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, floor: int = 0,
@@ -283,4 +310,5 @@ def key_of(pipe: Any) -> str:
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
+           "token_merge_conflict",
            "run_with_step_down", "place_auto", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]

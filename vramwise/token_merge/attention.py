@@ -61,6 +61,41 @@ def _cudnn_lse_matches(device: torch.device, dtype: torch.dtype) -> bool:
     return _CUDNN_LSE_OK[key]
 
 
+def _compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+# (device type, device index, dtype, head dim) -> the kernel the size groups run on (SDPBackend value)
+_KERNELS: dict[tuple, int] = {}
+
+
+def _kernel_key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    return device.type, device.index, dtype, head_dim
+
+
+def _decide_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> int:
+    choice = _sdpa_choice(q, k, v, scale)
+    if choice == _CUDNN and not _cudnn_lse_matches(q.device, q.dtype):
+        choice = _FLASH
+    _KERNELS[_kernel_key(q.device, q.dtype, q.shape[-1])] = choice
+    return choice
+
+
+def prepare_kernels(device: torch.device, head_dim: int, heads: int = 8) -> None:
+    """Decide the kernel per half-precision dtype now, in eager mode.
+
+    Inside a compiled block (the stream engine compiles blocks with ``fullgraph=True``) neither the kernel choice
+    nor the cuDNN check can be traced; the compiled code then only reads what this stored.
+    """
+    if device.type != "cuda" or _compiling():
+        return
+    for dtype in (torch.bfloat16, torch.float16):
+        if _kernel_key(device, dtype, head_dim) not in _KERNELS:
+            q = torch.zeros(1, heads, 1024, head_dim, device=device, dtype=dtype)
+            _decide_kernel(q, q, q, head_dim**-0.5)
+
+
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +105,14 @@ def attention_with_lse(
     float32 or wider (the reference the tests compare against).
     """
     if q.is_cuda:
-        choice = _sdpa_choice(q, k, v, scale)
-        if choice == _CUDNN and _cudnn_lse_matches(q.device, q.dtype):
+        d = q.shape[-1]
+        if _compiling():
+            choice = _KERNELS.get(_kernel_key(q.device, q.dtype, d), _FLASH)
+        else:
+            choice = _decide_kernel(q, k, v, scale)
+        if choice == _CUDNN:
             res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
             return res[0], res[1].reshape(q.shape[:3]).float()
-        d = q.shape[-1]
         if choice != _EFFICIENT and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
             return res[0], res[1]

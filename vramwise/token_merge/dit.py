@@ -19,8 +19,8 @@ import torch
 
 import torch.nn.functional as F
 
-from .attention import default_impl, size_grouped_attention
-from .pairing import Grid, plan_pairs
+from .attention import default_impl, prepare_kernels, size_grouped_attention
+from .pairing import Grid, pair_layout, plan_pairs
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ class WanTokenMergeProcessor:
                 return [g.unflatten(2, (heads, -1)).transpose(1, 2) for g in groups]
 
             keys = heads_first(plan.reduce(key.flatten(2)))
+            key = None  # the full keys are the largest tensor here: free them before attention
             if value is None:
                 # Values have no norm and no RoPE: the projection of the merged inputs is the merge of the
                 # projections (it is linear), at the cost of half (or less) of the tokens.
@@ -268,11 +269,18 @@ def _grid_hook(denoiser: torch.nn.Module, kind: str, state: MergeState) -> Calla
         pt, ph, pw = patch
     else:
         pt, ph, pw = 1, patch, patch
+    head_dim = int(denoiser.config.attention_head_dim)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
         if isinstance(x, torch.Tensor) and x.ndim == 5:
             state.grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+            # Eager work for the blocks, which may run compiled (stream engine): the window layout of this grid
+            # and the attention kernel are looked up there, never computed.
+            if state.active:
+                s = state.settings
+                pair_layout(state.grid, s.window, s.protect_frames, x.device)
+                prepare_kernels(x.device, head_dim)
         else:
             state.grid = None
 
