@@ -22,9 +22,9 @@ class VRAMWiseTokenMerge(io.ComfyNode):
                 "Speeds up sampling by letting self-attention look at fewer, merged tokens where neighbouring "
                 f"tokens are alike. {_DIT}: keys/values of similar tokens are averaged in pairs within small windows "
                 "of the video (every output token is still computed; the image frame is never merged). I2VGen-XL: "
-                "tomesd on the spatial attention blocks. Higher ratio = faster, less detail. With stream offload "
-                "merging needs more VRAM (81 frames 480p: ~3.7 -> ~8.6 GiB); under offload mode auto a run that "
-                "would not fit with merging runs without it and says so. The loaded model is "
+                "tomesd on the spatial attention blocks. Higher ratio = faster, less detail. Merging needs a "
+                "little more VRAM (stream offload, 81 frames 480p: ~3.7 -> ~4.8 GiB); under offload mode auto a "
+                "run that would not fit with merging runs without it and says so. The loaded model is "
                 "not changed: bypassing this node gives exactly the unmerged video."
             ),
             inputs=[

@@ -55,7 +55,7 @@ def test_swapped_processor_falls_back_to_stock(tiny_models_root):
     class Other(type(blocks[0].attn1.processor)):
         pass
 
-    blocks[0].attn1.processor = Other()  # e.g. token merge swaps processors
+    blocks[0].attn1.processor = Other()  # e.g. another pack's processor
     assert not lean.covers(blocks[0]) and lean.covers(blocks[1])
     torch.testing.assert_close(model(x, t, ctx, img, return_dict=False)[0], ref, rtol=1e-4, atol=1e-5)
     assert lean.stats["lean_blocks"] == 1
@@ -106,3 +106,27 @@ def test_lean_forward_matches_stock_for_wan22(tiny_models_root, name):
     lean = LeanWan(model, repeated_blocks(model), torch.float32, chunk_rows=6)
     torch.testing.assert_close(model(x, t, ctx, return_dict=False)[0], ref, rtol=1e-4, atol=1e-5)
     assert lean.stats["lean_blocks"] == c.num_layers
+
+
+@torch.no_grad()
+def test_token_merge_keeps_the_lean_forward_and_matches_the_merged_stock_forward(tiny_models_root):
+    from vramwise.token_merge import DitMergeSettings, patch_dit
+
+    model = _tiny_transformer(tiny_models_root, layers=3)
+    x, t, ctx, neg, img = _inputs(5)
+    xb, tb, cb, ib = torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, neg]), torch.cat([img, img])
+    handle = patch_dit(model, DitMergeSettings(ratio=0.5))
+    ref = model(xb, tb, cb, ib, return_dict=False)[0]  # merged, diffusers' block forward
+    assert handle.state.calls == 3
+    blocks = repeated_blocks(model)
+    assert all(block_supported(b) for b in blocks)
+    lean = LeanWan(model, blocks, torch.float32, chunk_rows=16)
+    out = model(xb, tb, cb, ib, return_dict=False)[0]
+    assert lean.stats["lean_blocks"] == 3 and handle.state.calls == 6
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    handle.set_active(False)  # outside the step range: the plain lean forward
+    plain = model(xb, tb, cb, ib, return_dict=False)[0]
+    assert handle.state.calls == 6 and not torch.allclose(plain, out, atol=1e-4)
+    lean.remove()
+    handle.detach()
+

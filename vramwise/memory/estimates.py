@@ -26,11 +26,14 @@ ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
 # the blocks run, so the planner counts them in a separate, earlier phase (planner.estimate).
 LEAN_SEQUENCE_TENSORS = 3
 LEAN_CHUNK_BYTES = int(0.45 * 2**30)
-# Token merging (token_merge/) swaps the self-attention processors, so a Wan block runs diffusers' own forward
-# instead of the lean one, and the merged attention holds full queries and keys next to the merged groups and two
-# group outputs. Measured on an H100 (bench/RESULTS.md, "Token merge, round 3"): stream, compiled blocks, batch-2
-# CFG, 81 frames: 8.56 GiB allocated = slots 1.5 GiB + 22.6 bytes per token x hidden, i.e. the compiled stock
-# factor plus this (eager runs are not measured; the same extra is added to the eager factor).
+# Token merging (token_merge/), measured on an H100 (bench/RESULTS.md, "Token merge, round 3"), batch-2 CFG, 81
+# frames, compiled: in the lean forward the merged key/value groups live next to the full keys/values while they are
+# reduced: 4.81 GiB allocated vs 3.68 unmerged, i.e. this many bytes per token x hidden more. Where a block runs
+# diffusers' own forward with the merge processor (plans other than stream), the merged attention holds full
+# queries and keys next to the groups and two group outputs: 8.56 GiB = slots 1.5 GiB + 22.6 bytes per token x
+# hidden, the compiled stock factor plus the second constant (eager runs are not measured; it is added to the
+# eager factor too).
+LEAN_TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN = 3.6
 TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN = 10.8
 # A component streamed leaf by leaf (offload.stream.STREAM_OTHERS_ABOVE) needs its largest leaf (UMT5-XXL's
 # 2.1 GB token embedding) plus activations.
@@ -136,8 +139,9 @@ def activation_bytes(n_tokens: int, hidden: int, batch: int, compiled: bool = Fa
     return int(n_tokens * batch * hidden * factor)
 
 
-def token_merge_extra_bytes(n_tokens: int, hidden: int, batch: int) -> int:
-    return int(n_tokens * batch * hidden * TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN)
+def token_merge_extra_bytes(n_tokens: int, hidden: int, batch: int, lean: bool) -> int:
+    factor = LEAN_TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN if lean else TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN
+    return int(n_tokens * batch * hidden * factor)
 
 
 def lean_activation_bytes(n_tokens: int, hidden: int, batch: int) -> int:

@@ -21,7 +21,9 @@ The per-chunk pieces are pure functions of tensors, so ``compiled=True`` compile
 shape, shared by all blocks) while the orchestration (buffers, in-place writes) stays eager.
 
 Used only where the structure is exactly the stock one (diffusers WanTransformerBlock with the default attention
-processors, plain Linear layers, no other hooks or forward overrides); anything else runs the stock forward.
+processors, plain Linear layers, no other hooks or forward overrides); anything else runs the stock forward. The one
+exception is token merging's self-attention processor: it hands this forward merged keys/values
+(``reduce_for_lean``) and the queries attend to them chunk by chunk, so merging keeps the lean memory profile.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..token_merge.attention import size_grouped_attention
 
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -77,6 +81,17 @@ def self_attn_piece(x, shift, scale, gate, cos, sin, wq, bq, nq, k, v, wo, bo, h
     return (x.float() + o * gate).to(x.dtype)
 
 
+def self_attn_groups_piece(x, shift, scale, gate, cos, sin, wq, bq, nq, keys, values, sizes: tuple, impl: str,
+                           wo, bo, heads: int, eps: float, qk_eps: float):
+    """``self_attn_piece`` over merged keys/values in size groups (token merging; see token_merge.attention)."""
+    n = _modulated_norm(x, shift, scale, eps)
+    q = _rotate(_rms(F.linear(n, wq, bq), nq, qk_eps).unflatten(2, (heads, -1)), cos, sin)
+    o = size_grouped_attention(q.transpose(1, 2), [k.transpose(1, 2) for k in keys],
+                               [v.transpose(1, 2) for v in values], sizes, impl)
+    o = F.linear(o.transpose(1, 2).flatten(2).to(q.dtype), wo, bo)
+    return (x.float() + o * gate).to(x.dtype)
+
+
 def cross_attn_piece(x, nw, nb, eps: float, affine_norm: bool, wq, bq, nq, k, v, k_img, v_img, wo, bo, heads: int,
                      qk_eps: float):
     if affine_norm:
@@ -102,7 +117,8 @@ def tail_piece(x, shift, scale, eps: float, w, b):
                     w, b)
 
 
-PIECES = {f.__name__: f for f in (kv_piece, self_attn_piece, cross_attn_piece, ffn_piece, tail_piece)}
+PIECES = {f.__name__: f for f in (kv_piece, self_attn_piece, self_attn_groups_piece, cross_attn_piece, ffn_piece,
+                                  tail_piece)}
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -127,6 +143,11 @@ def _plain_linear(m: Any) -> bool:
     return type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
 
 
+def _merges_for_lean(processor: Any) -> bool:
+    """A token-merge processor (token_merge.dit) that hands this forward merged keys/values instead of running."""
+    return callable(getattr(processor, "reduce_for_lean", None)) and hasattr(processor, "original")
+
+
 def block_supported(block: torch.nn.Module) -> bool:
     """True when ``block`` is diffusers' stock Wan block as this forward knows it (checked at every call)."""
     tw = _diffusers_wan()
@@ -135,7 +156,8 @@ def block_supported(block: torch.nn.Module) -> bool:
     try:
         a1, a2, ffn = block.attn1, block.attn2, block.ffn
         for a in (a1, a2):
-            if type(a.processor) is not tw.WanAttnProcessor or getattr(a, "fused_projections", False):
+            stock = a.processor if a is a2 or not _merges_for_lean(a.processor) else a.processor.original
+            if type(stock) is not tw.WanAttnProcessor or getattr(a, "fused_projections", False):
                 return False
             if getattr(a.processor, "_attention_backend", None) is not None:
                 return False
@@ -274,13 +296,25 @@ class LeanWan:
             v_all[:, s:e] = v
             del k, v
         del wk, wv
+        # Token merging: the processor reduces the keys/values (None: not this call), the queries stay per chunk.
+        merged = a1.processor.reduce_for_lean(k_all, v_all) if _merges_for_lean(a1.processor) else None
         wq, bq = self._w(a1.to_q)
         wo, bo = self._w(a1.to_out[0])
-        for s, e in spans:
-            out[:, s:e] = P["self_attn_piece"](
-                x[:, s:e], r(shift, s, e, N), r(scale, s, e, N), r(gate, s, e, N), cos[:, s:e], sin[:, s:e],
-                wq, bq, a1.norm_q.weight, k_all, v_all, wo, bo, heads, eps, a1.norm_q.eps)
-        del k_all, v_all, wq, wo
+        if merged is not None:
+            del k_all, v_all
+            keys, values, sizes, impl = merged
+            for s, e in spans:
+                out[:, s:e] = P["self_attn_groups_piece"](
+                    x[:, s:e], r(shift, s, e, N), r(scale, s, e, N), r(gate, s, e, N), cos[:, s:e], sin[:, s:e],
+                    wq, bq, a1.norm_q.weight, keys, values, sizes, impl, wo, bo, heads, eps, a1.norm_q.eps)
+            del keys, values, merged
+        else:
+            for s, e in spans:
+                out[:, s:e] = P["self_attn_piece"](
+                    x[:, s:e], r(shift, s, e, N), r(scale, s, e, N), r(gate, s, e, N), cos[:, s:e], sin[:, s:e],
+                    wq, bq, a1.norm_q.weight, k_all, v_all, wo, bo, heads, eps, a1.norm_q.eps)
+            del k_all, v_all
+        del wq, wo
 
         # 2. cross-attention (text, plus image keys/values for I2V)
         k_img = v_img = None

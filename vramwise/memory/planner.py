@@ -54,7 +54,7 @@ class RunShape:
     latent_height: int
     latent_width: int
     do_cfg: bool = True
-    token_merge: bool = False  # a DiT token-merge patch is active (no lean forward, bigger attention)
+    token_merge: bool = False  # a DiT token-merge patch is active (merged key/value groups, bigger attention)
 
 
 # Wan defaults: 480x832, 81 frames -> latent 21 x 60 x 104
@@ -103,7 +103,7 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
         n = tokens(run.latent_frames, run.latent_height, run.latent_width, d.patch)
         act = activation_bytes(n, d.hidden, batch, compiled)
         if run.token_merge:
-            act += token_merge_extra_bytes(n, d.hidden, batch)
+            act += token_merge_extra_bytes(n, d.hidden, batch, lean=False)
         if plan.offload == "none":
             weights = comp.denoiser_bytes  # both experts stay resident
             peak = weights + sum(comp.others.values()) + act
@@ -113,7 +113,9 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
             slots = 2 * store + (d.block_bytes * 2 // 5 if plan.fp8 else 0)
             # The condition embedder (most of the non-block weights) is on the GPU only before the blocks run,
             # when the activations are still small; the blocks' phase holds the slots and the sequence tensors.
-            blocks_phase = act if run.token_merge else lean_activation_bytes(n, d.hidden, batch)
+            blocks_phase = lean_activation_bytes(n, d.hidden, batch)
+            if run.token_merge:
+                blocks_phase += token_merge_extra_bytes(n, d.hidden, batch, lean=True)
             peak = max(d.non_block_bytes + slots, slots + blocks_phase)
             pinned += store * d.layers
         elif plan.offload == "model":

@@ -153,6 +153,28 @@ class WanTokenMergeProcessor:
         return attn.to_out[1](out)
 
 
+    def reduce_for_lean(
+        self, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, ...], str] | None:
+        """For a forward that computes self-attention itself (the stream engine's lean forward): the merged key
+        and value groups [B, M_g, heads, D] of full-sequence keys (after RoPE) and values [B, N, heads, D], their
+        sizes and the attention implementation; None when this call should not merge."""
+        st = self.state
+        grid = st.grid
+        if (not st.active or grid is None or self._parallel_config is not None
+                or grid[0] * grid[1] * grid[2] != key.shape[1]):
+            return None
+        s = st.settings
+        plan = plan_pairs(key.mean(dim=2), grid, s.ratio, s.window, s.protect_frames)
+        if plan is None:
+            return None
+        st.calls += 1
+        heads = key.shape[2]
+        keys = [g.unflatten(2, (heads, -1)) for g in plan.reduce(key.flatten(2))]
+        values = [g.unflatten(2, (heads, -1)) for g in plan.reduce(value.flatten(2))]
+        return keys, values, tuple(plan.sizes), _impl(st, key.device)
+
+
 # ----------------------------------------------------------------------------- EasyAnimate
 
 
