@@ -1,11 +1,32 @@
-"""Shared pieces of the engine tests: a tiny Wan request and sampling observers."""
+"""Shared pieces of the engine tests: tiny pictures, requests and models, and sampling observers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 
 from vramwise.families.base import GenerationRequest
+from vramwise.handles import VramwiseModel
 from vramwise.image_prep import ResizeMode, fit_image
+from vramwise.loader import LoadOptions, load_pipeline
+from vramwise.offload import OffloadMode
+from vramwise.precision import WeightDtype
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    """A random RGB picture, the same for the same seed."""
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
+
+
+def load_tiny(folder: Path, mode: OffloadMode | str = "none", dtype: WeightDtype | str = "bf16",
+              text_on_cpu: bool = False) -> VramwiseModel:
+    """A tiny model folder loaded on the CPU as the loader node would."""
+    options = LoadOptions(folder, OffloadMode(mode), WeightDtype(dtype), text_encoder_on_cpu=text_on_cpu)
+    return VramwiseModel(load_pipeline(options, torch.device("cpu")))
 
 
 def tiny_wan_request(**overrides) -> GenerationRequest:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vramwise.decode import TilingMode, TilingOptions, decode_latents
 from vramwise.errors import InputError, ModelFolderError
@@ -22,16 +21,11 @@ from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from engine_helpers import Cancelled, Recorder
+from engine_helpers import Cancelled, Recorder, load_tiny, picture
 
 MODEL = "tiny-easyanimate-v51-inp"
 LEGACY = "tiny-easyanimate-v5-legacy"
 CPU = torch.device("cpu")
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
 
 def request(**overrides) -> GenerationRequest:
@@ -44,12 +38,7 @@ def request(**overrides) -> GenerationRequest:
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:
-    options = LoadOptions(root / MODEL, OffloadMode(mode), WeightDtype(dtype), text_encoder_on_cpu=text_on_cpu)
-    return VramwiseModel(load_pipeline(options, CPU))
-
-
-
-
+    return load_tiny(root / MODEL, mode, dtype, text_on_cpu)
 
 
 @pytest.fixture(scope="module")

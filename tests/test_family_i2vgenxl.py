@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vramwise.decode import TilingMode, TilingOptions, decode_latents
 from vramwise.errors import InputError
@@ -15,24 +13,15 @@ from vramwise.families import detect_family, family_by_id
 from vramwise.families.base import GenerationRequest
 from vramwise.families.i2vgenxl import I2VGenXL
 from vramwise.handles import VramwiseModel
-from vramwise.loader import LoadOptions, load_pipeline
-from vramwise.offload import OffloadMode
-from vramwise.precision import WeightDtype
 from vramwise.preview import latent_preview
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from engine_helpers import Cancelled, Recorder
+from engine_helpers import Cancelled, Recorder, load_tiny, picture
 
 MODEL = "tiny-i2vgenxl"
-CPU = torch.device("cpu")
 # ComfyUI's SD15 latent_rgb_factors (4 channels x RGB), the format the family names for previews.
 SD15_FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
 
 def request(**overrides) -> GenerationRequest:
@@ -45,12 +34,7 @@ def request(**overrides) -> GenerationRequest:
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:
-    options = LoadOptions(root / MODEL, OffloadMode(mode), WeightDtype(dtype), text_encoder_on_cpu=text_on_cpu)
-    return VramwiseModel(load_pipeline(options, CPU))
-
-
-
-
+    return load_tiny(root / MODEL, mode, dtype, text_on_cpu)
 
 
 @pytest.fixture(scope="module")

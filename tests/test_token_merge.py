@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from vramwise.errors import InputError
 from vramwise.families.base import GenerationRequest
 from vramwise.handles import VramwiseModel
-from vramwise.image_prep import ResizeMode, fit_image
-from vramwise.loader import LoadOptions, load_pipeline
 from vramwise.offload import OffloadMode
 from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
@@ -31,16 +29,14 @@ from vramwise.token_merge.dit import self_attention_modules
 from vramwise.token_merge.pairing import WINDOW_TOKENS, greedy_pairs, pair_layout, tokens_to_remove
 from vramwise.token_merge.unet import spatial_blocks
 
+from engine_helpers import load_tiny, tiny_wan_request
+
 CPU = torch.device("cpu")
 MODELS = {"wan": "tiny-wan21-i2v", "easyanimate": "tiny-easyanimate-v51-inp", "i2vgenxl": "tiny-i2vgenxl"}
 
 
 def _request(**kw) -> GenerationRequest:
-    gen = torch.Generator().manual_seed(0)
-    image = fit_image(torch.rand(48, 64, 3, generator=gen), 64, 64, ResizeMode.CROP)
-    base = dict(image=image, prompt="a ball rolls", negative_prompt="", width=64, height=64, num_frames=9,
-                steps=2, cfg=5.0, seed=3, shift=3.0)
-    return GenerationRequest(**{**base, **kw})
+    return tiny_wan_request(**{"num_frames": 9, **kw})
 
 
 def _merge(**kw) -> TokenMergePatch:
@@ -49,7 +45,7 @@ def _merge(**kw) -> TokenMergePatch:
 
 
 def _load(root, name: str, mode: OffloadMode = OffloadMode.NONE, dtype: WeightDtype = WeightDtype.BF16) -> VramwiseModel:
-    return VramwiseModel(load_pipeline(LoadOptions(root / name, mode, dtype), CPU))
+    return load_tiny(root / name, mode, dtype)
 
 
 # ----------------------------------------------------------------------------- the pairing

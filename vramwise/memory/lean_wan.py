@@ -156,7 +156,8 @@ def block_supported(block: torch.nn.Module) -> bool:
     try:
         a1, a2, ffn = block.attn1, block.attn2, block.ffn
         for a in (a1, a2):
-            stock = a.processor if a is a2 or not _merges_for_lean(a.processor) else a.processor.original
+            # token merging wraps the stock self-attention processor; the wrapped one must be the stock one
+            stock = a.processor.original if a is a1 and _merges_for_lean(a.processor) else a.processor
             if type(stock) is not tw.WanAttnProcessor or getattr(a, "fused_projections", False):
                 return False
             if getattr(a.processor, "_attention_backend", None) is not None:

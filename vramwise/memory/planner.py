@@ -7,8 +7,6 @@ Plans, fastest first (each later one needs less VRAM):
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, TypeVar
@@ -152,7 +150,7 @@ def token_merge_conflict(plan: Plan, comp: Components, run: RunShape, vram_budge
     merged = estimate(plan, comp, run, compiled)
     if merged.vram_peak <= vram_budget:
         return None
-    plain = estimate(plan, comp, dataclasses.replace(run, token_merge=False), compiled)
+    plain = estimate(plan, comp, replace(run, token_merge=False), compiled)
     if plain.vram_peak > vram_budget:
         return None  # the plan has to change either way; merging is not what decides it
     return (f"token merge off for this run: with it the '{plan.describe()}' plan needs ~{merged.vram_peak / GiB:.1f} "

@@ -13,12 +13,11 @@ softmax(q k^T * scale + log c) v. Two exact ways to compute it:
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-AttentionImpl = Literal["groups", "bias"]
 ATTENTION_IMPLS: tuple[str, ...] = ("groups", "bias")
 
 

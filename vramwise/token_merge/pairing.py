@@ -34,7 +34,6 @@ Grid = tuple[int, int, int]  # frames, height, width (in tokens)
 Window = tuple[int, int, int]
 
 WINDOW_TOKENS = 16
-MAX_ROUNDS = 4  # log2(WINDOW_TOKENS)
 SNAP = 0.05  # share of a round's pairs under which a partial round is dropped (or, from the top, completed)
 # Window shapes (frames, height, width) by name; each holds WINDOW_TOKENS tokens.
 WINDOWS: dict[str, Window] = {"spatial": (1, 4, 4), "spatial+temporal": (2, 2, 4)}
