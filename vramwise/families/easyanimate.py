@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from ..prompt_cache import encode_prompts
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 
 if TYPE_CHECKING:
@@ -227,7 +228,8 @@ class EasyAnimateV51InP(Family):
         with torch.no_grad():
             texts = [request.prompt] + ([request.negative_prompt] if do_cfg else [])
             # One batch for both prompts: they are padded to the same length anyway.
-            embeds, masks = self._encode(loaded, texts)
+            embeds, masks = encode_prompts(loaded, request.prompt, request.negative_prompt, do_cfg, MAX_TEXT_TOKENS,
+                                           lambda: self._encode(loaded, texts))  # cached: prompt_cache.py
         device = loaded.device
         embeds, masks = embeds.to(device), masks.to(device)
         video, mask = inpaint_video(request.image, request.end_image, request.num_frames, request.height, request.width)

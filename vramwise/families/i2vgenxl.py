@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..prompt_cache import encode_prompts
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 from .easyanimate import untiled_encode
 
@@ -109,7 +110,9 @@ class I2VGenXL(Family):
         do_cfg = request.cfg > 1.0
         with torch.no_grad():
             texts = [request.prompt] + ([request.negative_prompt] if do_cfg else [])
-            embeds = self._encode(loaded, texts).to(loaded.device, pipe.unet.dtype)
+            embeds = encode_prompts(loaded, request.prompt, request.negative_prompt, do_cfg, pipe.tokenizer.model_max_length,
+                                    lambda: (self._encode(loaded, texts),))[0]  # cached: prompt_cache.py
+            embeds = embeds.to(loaded.device, pipe.unet.dtype)
         kwargs: dict[str, Any] = dict(
             prompt=None,
             image=request.image,

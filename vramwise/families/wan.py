@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..prompt_cache import encode_prompts
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 
 if TYPE_CHECKING:
@@ -45,14 +46,17 @@ class _WanFamily(Family):
         do_cfg = request.cfg > 1.0
         # Prompts are encoded here rather than inside the pipeline so the text encoder may live on another
         # device (text_encoder_on_cpu) than the denoiser.
-        with torch.no_grad():
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
+        # Cached by prompt and settings: a re-run of the same prompt skips the text encoder (prompt_cache.py).
+        prompt_embeds, negative_embeds = encode_prompts(
+            loaded, request.prompt, request.negative_prompt, do_cfg, MAX_TEXT_TOKENS,
+            lambda: pipe.encode_prompt(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
                 do_classifier_free_guidance=do_cfg,
                 max_sequence_length=MAX_TEXT_TOKENS,
                 device=loaded.text_device,
-            )
+            ),
+        )
         if negative_embeds is not None:
             # Lets the stream engine batch both CFG passes from the very first step.
             for batcher in getattr(pipe, "_vramwise_cfg_batchers", ()):

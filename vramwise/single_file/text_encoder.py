@@ -145,3 +145,32 @@ def load_tokenizer(path: Path):
     except Exception as e:
         raise ModelFolderError(f"'{path.name}': its embedded tokenizer (spiece_model) cannot be read: {e}") from e
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def text_encoder_source(path: Path, dtype: torch.dtype):
+    """Where ``encoder_weights`` re-reads a released UMT5 loaded by ``load_text_encoder``: the same names, the fp8
+    scales folded in the same precision (one tensor at a time)."""
+    from safetensors import safe_open
+    from transformers import UMT5EncoderModel
+
+    from ..encoder_weights import WeightSource
+    from .scaled_fp8 import SCALE_SUFFIX, fold_scale
+
+    path = Path(path)
+    names = _stripped(read_header(path))
+    patterns = keep_fp32_patterns(UMT5EncoderModel)
+
+    def read(wanted: set[str]):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            for target in wanted:
+                name = names[target]
+                t = f.get_tensor(name)
+                scale_key = name[: -len(".weight")] + SCALE_SUFFIX if name.endswith(".weight") else None
+                if scale_key is not None and scale_key in stored:
+                    want = torch.float32 if keeps_fp32(target, patterns, dtype) else dtype
+                    t = fold_scale(t, f.get_tensor(scale_key), want)
+                yield target, t
+
+    # Tied weights (shared / encoder.embed_tokens) are one Parameter: it is read by whichever name the file has.
+    return WeightSource(frozenset(names), read, path.name, dtype)

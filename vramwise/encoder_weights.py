@@ -1,0 +1,189 @@
+"""Text-encoder weights that leave host RAM between prompts and come back from their safetensors files.
+
+UMT5-XXL (Wan) is ~11 GB in bf16 and Qwen2-VL 7B (EasyAnimate) ~15 GB, but they run once per new prompt: with the
+prompt-embedding cache (``prompt_cache.py``) a re-run of the same prompt never calls them. So after encoding, each
+parameter's storage is swapped for an empty tensor (the Parameter objects, and every hook that refers to them,
+stay), and on the next cache miss the weights are read back one tensor at a time from the files they were loaded
+from, cast to the dtype and put on the device each parameter had. Reloading never holds more than one extra
+tensor. Which files and names to read is a ``WeightSource``, built once from where the pipeline was loaded.
+
+A module is left alone (kept resident) when its weights are held somewhere we cannot reach: accelerate's
+sequential offload keeps them in the hook's weights map (parameters on ``meta``), and diffusers' group offloading
+keeps its own (pinned) CPU copies; releasing our view would free nothing there.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Reads {target name: tensor} for the names asked, one tensor at a time.
+_FP8 = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+TensorReader = Callable[[set[str]], Iterator[tuple[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a module's weights can be read again: the names it offers and a reader."""
+
+    names: frozenset[str]
+    read: TensorReader = field(compare=False)
+    description: str = ""
+    # The dtype the loader converted to before fp8 storage cast again: a wider stored weight goes through it on
+    # its way to fp8, so the reloaded values are bit-identical to the first load (direct fp32 -> fp8 rounds
+    # differently from fp32 -> bf16 -> fp8).
+    load_dtype: torch.dtype | None = None
+
+
+def safetensors_source(files: Iterable[Path], load_dtype: torch.dtype | None = None) -> WeightSource | None:
+    """A source over safetensors files whose tensor names are the module's own (diffusers/transformers folders)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(f) for f in files)
+    if not files:
+        return None
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                where.setdefault(k, path)
+
+    def read(wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        # safe_open (memory-mapped) hands out one tensor at a time; nothing else of the file is materialised.
+        for path in files:
+            names = [n for n in wanted if where.get(n) == path]
+            if not names:
+                continue
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for n in names:
+                    yield n, f.get_tensor(n)
+
+    return WeightSource(frozenset(where), read, ", ".join(p.name for p in files), load_dtype)
+
+
+def folder_source(component_folder: Path, load_dtype: torch.dtype | None = None) -> WeightSource | None:
+    folder = Path(component_folder)
+    return safetensors_source(folder.glob("*.safetensors"), load_dtype) if folder.is_dir() else None
+
+
+@dataclass
+class _Released:
+    source: WeightSource
+    # per Parameter object (tied weights share one): one name to read it by, its dtype and device
+    params: list[tuple[torch.nn.Parameter, str, torch.dtype, torch.device]]
+    nbytes: int
+
+
+@dataclass
+class EncoderWeights:
+    """The release state of the text encoders this pack placed; owned by the pack, keyed weakly by module."""
+
+    _sources: "weakref.WeakKeyDictionary[torch.nn.Module, WeightSource]" = field(
+        default_factory=weakref.WeakKeyDictionary)
+    _released: "weakref.WeakKeyDictionary[torch.nn.Module, _Released]" = field(
+        default_factory=weakref.WeakKeyDictionary)
+    reloads: int = 0
+    releases: int = 0
+
+    def register(self, module: torch.nn.Module, source: WeightSource | None) -> None:
+        """Say where ``module``'s weights can be re-read; without a source it is never released."""
+        if source is not None:
+            self._sources[module] = source
+
+    def knows(self, module: torch.nn.Module) -> bool:
+        return module in self._sources
+
+    def is_released(self, module: torch.nn.Module) -> bool:
+        return module in self._released
+
+    def why_kept(self, module: torch.nn.Module) -> str | None:
+        """Why ``module`` cannot be released, or None when it can."""
+        source = self._sources.get(module)
+        if source is None:
+            return "no weight files to reload it from"
+        for sub in module.modules():
+            registry = getattr(sub, "_diffusers_hook", None)
+            if registry is not None and any("group_offloading" in n for n in getattr(registry, "hooks", {})):
+                return "diffusers group offloading holds its own copy of the weights"
+            hook = getattr(sub, "_hf_hook", None)
+            if hook is not None and getattr(hook, "offload", False):
+                return "accelerate's sequential offload holds the weights"
+        names = _names_by_param(module)
+        for p, ns in names:
+            if p.device.type == "meta":
+                return "its weights are not materialised (meta)"
+            if not any(n in source.names for n in ns):
+                return f"'{ns[0]}' is not in {source.description}"
+        return None
+
+    def release(self, module: torch.nn.Module) -> int:
+        """Drop ``module``'s parameter storage (host or device); returns the bytes let go (0 when kept)."""
+        if module in self._released:
+            return 0
+        why = self.why_kept(module)
+        if why is not None:
+            log.debug("text encoder %s stays loaded: %s", type(module).__name__, why)
+            return 0
+        source = self._sources[module]
+        params = []
+        nbytes = 0
+        for p, ns in _names_by_param(module):
+            name = next(n for n in ns if n in source.names)
+            params.append((p, name, p.dtype, p.device))
+            nbytes += p.numel() * p.element_size()
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._released[module] = _Released(source, params, nbytes)
+        self.releases += 1
+        return nbytes
+
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Read a released module's weights back from its files; False when it was not released."""
+        state = self._released.pop(module, None)
+        if state is None:
+            return False
+        by_name = {name: (p, dtype, device) for p, name, dtype, device in state.params}
+        got = set()
+        try:
+            for name, tensor in state.source.read(set(by_name)):
+                p, dtype, device = by_name[name]
+                # The dtype the module had: fp8 storage, fp32-kept norms and bf16 all come back as they were.
+                if dtype in _FP8 and tensor.dtype not in _FP8 and state.source.load_dtype is not None:
+                    tensor = tensor.to(state.source.load_dtype)
+                p.data = tensor.to(device=device, dtype=dtype)
+                got.add(name)
+        except BaseException:
+            # Leave it released (and retryable) rather than half-loaded.
+            for p, name, dtype, device in state.params:
+                p.data = torch.empty(0, dtype=dtype, device=device)
+            self._released[module] = state
+            raise
+        missing = set(by_name) - got
+        if missing:
+            self._released[module] = state
+            raise RuntimeError(f"{state.source.description} no longer holds {sorted(missing)[:3]}; the file changed on disk")
+        self.reloads += 1
+        return True
+
+    def forget(self, module: torch.nn.Module) -> None:
+        self._sources.pop(module, None)
+        self._released.pop(module, None)
+
+
+def _names_by_param(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, list[str]]]:
+    """Each distinct Parameter with every name it is known by (tied weights have several)."""
+    seen: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), (p, []))[1].append(name)
+    return list(seen.values())
+
+
+ENCODER_WEIGHTS = EncoderWeights()
+
+__all__ = ["WeightSource", "EncoderWeights", "ENCODER_WEIGHTS", "safetensors_source", "folder_source"]
