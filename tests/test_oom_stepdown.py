@@ -11,6 +11,7 @@ from vramwise.loader import LoadOptions, PipelineCache
 from vramwise.memory.planned_run import drop_scheduler_state, generate_with_plan
 from vramwise.offload import OffloadMode
 from vramwise.precision import WeightDtype
+from vramwise.prompt_cache import PROMPT_CACHE
 
 from engine_helpers import Recorder
 from engine_helpers import tiny_wan_request as _request
@@ -70,6 +71,7 @@ def test_text_encoder_oom_moves_the_text_encoder_to_the_cpu_and_retries(tiny_mod
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB (fake)")
 
     first_pipe.text_encoder.register_forward_pre_hook(boom)
+    PROMPT_CACHE.clear()  # an earlier test's embeddings of this prompt would skip the encoder (and its OOM)
     latent, report = generate_with_plan(model, _request(), Recorder(), cache=cache)
     assert any("text encoder" in line and "CPU" in line for line in report), report
     assert model.loaded.options.text_encoder_on_cpu and model.loaded.pipe is not first_pipe

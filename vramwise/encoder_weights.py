@@ -18,7 +18,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -79,6 +79,9 @@ class _Released:
     # per Parameter object (tied weights share one): one name to read it by, its dtype and device
     params: list[tuple[torch.nn.Parameter, str, torch.dtype, torch.device]]
     nbytes: int
+    # Restores the weights if anything calls the module while they are out (code that does not go through
+    # prompt_cache.encode_prompts still gets a working encoder).
+    guard: Any = None
 
 
 @dataclass
@@ -139,7 +142,7 @@ class EncoderWeights:
             params.append((p, name, p.dtype, p.device))
             nbytes += p.numel() * p.element_size()
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        self._released[module] = _Released(source, params, nbytes)
+        self._keep_released(module, _Released(source, params, nbytes))
         self.releases += 1
         return nbytes
 
@@ -148,6 +151,7 @@ class EncoderWeights:
         state = self._released.pop(module, None)
         if state is None:
             return False
+        state.guard.remove()
         by_name = {name: (p, dtype, device) for p, name, dtype, device in state.params}
         got = set()
         try:
@@ -162,14 +166,21 @@ class EncoderWeights:
             # Leave it released (and retryable) rather than half-loaded.
             for p, name, dtype, device in state.params:
                 p.data = torch.empty(0, dtype=dtype, device=device)
-            self._released[module] = state
+            self._keep_released(module, state)
             raise
         missing = set(by_name) - got
         if missing:
-            self._released[module] = state
+            self._keep_released(module, state)
             raise RuntimeError(f"{state.source.description} no longer holds {sorted(missing)[:3]}; the file changed on disk")
         self.reloads += 1
         return True
+
+    def _keep_released(self, module: torch.nn.Module, state: _Released) -> None:
+        def guard(m: torch.nn.Module, args: Any) -> None:  # a pre-hook returning a value would replace the inputs
+            self.restore(m)
+
+        state.guard = module.register_forward_pre_hook(guard, prepend=True)
+        self._released[module] = state
 
     def forget(self, module: torch.nn.Module) -> None:
         self._sources.pop(module, None)

@@ -28,10 +28,14 @@ class _WanFamily(Family):
     text_encoder_names = ("text_encoder",)
     preview_latent_format = "Wan21"
 
-    def load(self, folder: Path, torch_dtype: torch.dtype) -> Any:
+    def load(self, folder: Path, torch_dtype: torch.dtype, fp8_skip: tuple[str, ...] | None = None) -> Any:
         from diffusers import WanImageToVideoPipeline
 
-        return WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        from ..weight_loading import load_denoisers
+
+        # The denoisers (nearly all the bytes) are read tensor by tensor into their final dtype (weight_loading.py).
+        denoisers = load_denoisers(folder, self.denoiser_names, torch_dtype, fp8_skip)
+        return WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **denoisers)
 
     def latent_factors(self, pipe: Any) -> tuple[int, int]:
         return int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
