@@ -218,18 +218,14 @@ class MemSource:
     def load(self, torch_dtype, keep_fp8=False):
         self.loads += 1
         if self.loads > 1:
-            unplace(self.pipe)
+            unplace(self.pipe, self.loaded.placement)  # the placement being replaced
         return self.pipe
 
 
-def unplace(pipe) -> None:
+def unplace(pipe, placement) -> None:
     from accelerate.hooks import remove_hook_from_module
 
-    for eng in getattr(pipe, "_vramwise_stream", ()):
-        eng.remove()
-    for b in getattr(pipe, "_vramwise_cfg_batchers", ()):
-        b.detach()
-    pipe._vramwise_stream, pipe._vramwise_cfg_batchers = [], []
+    placement.remove()
     for name, m in pipe.components.items():
         if isinstance(m, torch.nn.Module):
             remove_hook_from_module(m, recurse=True)
@@ -285,8 +281,8 @@ def part_budgets(args) -> None:
     opts = LoadOptions(Path("wan21-i2v-14b-random"), OffloadMode.AUTO, WeightDtype.BF16, source=src)
     t0 = time.time()
     loaded, _ = cache.get_or_load("s", opts, torch.device("cuda"))
-    log(f"placed in {time.time() - t0:.0f}s: {planner.plan_of(loaded.pipe).describe()}; "
-        + "; ".join(e.describe() for e in getattr(loaded.pipe, '_vramwise_stream', ())))
+    src.loaded = loaded
+    log(f"placed in {time.time() - t0:.0f}s: {loaded.placement.describe()}")
     model = VramwiseModel(loaded)
     req = request(832, 480, args.frames, args.steps)
     runs = [("plain", model)]

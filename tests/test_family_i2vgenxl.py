@@ -181,7 +181,7 @@ def test_stream_offload_is_refused_naming_the_input(tiny_models_root: Path) -> N
 
 def test_auto_offload_skips_stream_plans_for_a_unet(tiny_models_root: Path, reference: torch.Tensor) -> None:
     m = load(tiny_models_root, "auto")
-    plan = m.loaded.pipe._vramwise_plan.plan
+    plan = m.loaded.placement.plan.plan
     assert plan.offload != "stream"
     out = generate(m, request()).samples
     # On a CPU auto takes its first offloading plan: for a UNet that is sequential with fp8 storage, whose
