@@ -209,6 +209,7 @@ class MemSource:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.loads = 0
+        self.loaded = None  # the handle, set once loaded: a reload takes its old placement's hooks off first
 
     def family(self):
         from vramwise.families.wan import Wan21I2V
@@ -265,7 +266,6 @@ def part_budgets(args) -> None:
     from vramwise.decode import TilingOptions, decode_latents
     from vramwise.handles import VramwiseModel
     from vramwise.loader import LoadOptions, PipelineCache
-    from vramwise.memory import planner
     from vramwise.memory.planned_run import generate_with_plan
     from vramwise.offload import OffloadMode
     from vramwise.offload import stream as stream_mod

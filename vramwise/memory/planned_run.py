@@ -19,7 +19,7 @@ from . import planner
 log = logging.getLogger(__name__)
 
 
-def drop_scheduler_state(pipe) -> None:
+def drop_scheduler_state(pipe, to: torch.device = torch.device("cpu")) -> None:
     """Move the scheduler's per-run tensors (multistep schedulers keep the last model outputs and sample, the
     size of the latents each) off the GPU, so nothing of a finished, failed or cancelled run stays there.
     The next run's ``set_timesteps`` rebuilds them."""
@@ -27,10 +27,10 @@ def drop_scheduler_state(pipe) -> None:
     if scheduler is None:
         return
     for name, value in list(vars(scheduler).items()):
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            setattr(scheduler, name, value.cpu())
-        elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in value):
-            setattr(scheduler, name, [v.cpu() if isinstance(v, torch.Tensor) else v for v in value])
+        if isinstance(value, torch.Tensor) and value.device != to:
+            setattr(scheduler, name, value.to(to))
+        elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.device != to for v in value):
+            setattr(scheduler, name, [v.to(to) if isinstance(v, torch.Tensor) else v for v in value])
 
 
 class _EncoderOOM(Exception):
