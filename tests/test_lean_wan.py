@@ -136,7 +136,7 @@ def test_token_merge_keeps_the_lean_forward_and_matches_the_merged_stock_forward
 def test_pieces_under_compile_update_their_chunk_in_place(tiny_models_root, monkeypatch):
     """The pieces write into the chunk they are given (no copy back by the orchestration); traced with
     fullgraph=True and functionalized (aot_eager), the in-place writes must give the eager result."""
-    import vramwise.memory.lean_wan as lean_mod
+    import vramwise.offload.lean_wan as lean_mod
 
     model = _tiny_transformer(tiny_models_root, layers=2)
     x, t, ctx, neg, img = _inputs(2)
