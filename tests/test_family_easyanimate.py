@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 
 def request(**overrides) -> GenerationRequest:
-    return tiny_request("a cat walks on the grass", seed=7, num_frames=5, **overrides)
+    return tiny_request("a cat walks on the grass", **{"seed": 7, "num_frames": 5, **overrides})
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:

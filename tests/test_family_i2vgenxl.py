@@ -25,7 +25,7 @@ SD15_FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.
 
 
 def request(**overrides) -> GenerationRequest:
-    return tiny_request("a dog runs on the beach", seed=11, num_frames=3, **overrides)
+    return tiny_request("a dog runs on the beach", **{"seed": 11, "num_frames": 3, **overrides})
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:
