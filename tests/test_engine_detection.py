@@ -62,3 +62,24 @@ def test_model_folders_are_found_in_subfolders_and_through_links(tmp_path, tiny_
 def test_model_names_that_escape_the_models_folder_are_refused(tmp_path, name):
     with pytest.raises(ModelFolderError):
         resolve_model_folder(name, [tmp_path])
+
+
+def test_a_symlink_loop_lists_each_model_folder_once(tmp_path):
+    root = tmp_path / "diffusers"
+    (root / "wan" / "a").mkdir(parents=True)
+    (root / "wan" / "a" / "model_index.json").write_text("{}")
+    (root / "b").mkdir()
+    (root / "b" / "model_index.json").write_text("{}")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # models/diffusers/loop -> models/diffusers
+    (root / "wan" / "back").symlink_to(root / "wan", target_is_directory=True)
+    assert list_model_folders([root]) == ["b", "wan/a"]
+    with pytest.raises(ModelFolderError, match="not found"):
+        resolve_model_folder("loop/b", [root])
+
+
+def test_a_folder_reachable_directly_and_through_a_link_is_listed_under_its_direct_name(tmp_path):
+    root = tmp_path / "diffusers"
+    (root / "wan" / "a").mkdir(parents=True)
+    (root / "wan" / "a" / "model_index.json").write_text("{}")
+    (root / "alias").symlink_to(root / "wan", target_is_directory=True)  # sorts before 'wan'
+    assert list_model_folders([root]) == ["wan/a"]
