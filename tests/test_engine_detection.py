@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vramwise.errors import ModelFolderError
-from vramwise.families import detect_family
+from vramwise.families import ModelIndex, detect_family
 from vramwise.model_folders import list_model_folders, resolve_model_folder
 
 
@@ -83,3 +83,44 @@ def test_a_folder_reachable_directly_and_through_a_link_is_listed_under_its_dire
     (root / "wan" / "a" / "model_index.json").write_text("{}")
     (root / "alias").symlink_to(root / "wan", target_is_directory=True)  # sorts before 'wan'
     assert list_model_folders([root]) == ["wan/a"]
+
+
+def _copy_with_links(src, dst):
+    """A model folder whose model_index.json is a real, editable copy and whose components link to ``src``."""
+    dst.mkdir()
+    for child in src.iterdir():
+        if child.name == "model_index.json":
+            (dst / child.name).write_text(child.read_text())
+        else:
+            (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+    return dst
+
+
+def test_every_tiny_model_folder_is_complete(tiny_models_root):
+    from vramwise.families import missing_component_reason
+
+    for folder in sorted(p for p in tiny_models_root.iterdir() if (p / "model_index.json").is_file()):
+        try:
+            family = detect_family(folder)
+        except ModelFolderError as e:
+            assert "incomplete" not in str(e), e
+            continue
+        assert missing_component_reason(ModelIndex.read(folder), family) is None
+
+
+def test_model_index_without_a_component_names_it(tmp_path, tiny_models_root):
+
+    folder = _copy_with_links(tiny_models_root / "tiny-wan21-i2v", tmp_path / "wan")
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["vae"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError) as err:
+        detect_family(folder)
+    assert "'vae'" in str(err.value) and "incomplete" in str(err.value) and "expected" not in str(err.value)
+
+
+def test_a_listed_component_without_its_folder_names_it(tmp_path, tiny_models_root):
+    folder = _copy_with_links(tiny_models_root / "tiny-wan21-i2v", tmp_path / "wan")
+    (folder / "text_encoder").unlink()
+    with pytest.raises(ModelFolderError, match="'text_encoder'.*no such sub-folder"):
+        detect_family(folder)

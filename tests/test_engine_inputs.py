@@ -140,3 +140,13 @@ def test_a_symlink_loop_in_a_models_folder_lists_each_file_once(tmp_path):
     (root / "loop").symlink_to(root, target_is_directory=True)
     assert list_model_files([root], _EXT) == ["b.gguf", "linked.safetensors", "wan/a.safetensors"]
     _refusal("loop/b.gguf", [root])
+
+
+def test_unknown_resize_and_tiling_modes_name_the_input_and_the_choices():
+    from vramwise.decode import TilingMode
+
+    with pytest.raises(InputError, match=r"^resize_mode: 'stretch'.*pick one of crop, pad"):
+        ResizeMode.parse("stretch")
+    with pytest.raises(InputError, match=r"^tiling: 'bogus'.*pick one of auto, on, off"):
+        TilingMode.parse("bogus")
+    assert ResizeMode.parse("pad") is ResizeMode.PAD and TilingMode.parse("on") is TilingMode.ON

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,6 +23,14 @@ class TilingMode(str, Enum):
     AUTO = "auto"
     ON = "on"
     OFF = "off"
+
+    @classmethod
+    def parse(cls, value: str) -> "TilingMode":
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InputError("tiling", f"'{value}' is not a known tiling mode.", f"pick one of {choices}.") from None
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,51 @@ def estimate_untiled_bytes(model: VramwiseModel, latent: VramwiseLatent) -> int:
     return int(model.family.decode_bytes_per_pixel(model.loaded) * latent.width * latent.height)
 
 
-def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingOptions) -> tuple[torch.Tensor, str]:
-    """Frames [F, H, W, 3] float32 0..1 on the CPU, and a note saying how they were decoded."""
+def _blocks_of(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder and every module held in one of its ModuleLists (up blocks, their resnets and upsamplers)."""
+    out = [decoder]
+    for module in decoder.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            out.extend(module)
+    return out
+
+
+@contextmanager
+def cancel_checks(vae: torch.nn.Module, check_cancel: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``check_cancel`` before the VAE decoder and each of its blocks runs, so Cancel lands within one block.
+
+    The VAEs decode in loops of their own (Wan: one latent frame per decoder call; tiled decodes: one tile per
+    call; I2VGen-XL: chunks of frames), none with a callback, so forward pre-hooks are the one place to ask; they
+    are removed when the decode ends, however it ends.
+    """
+    decoder = getattr(vae, "decoder", None)
+    if check_cancel is None or not isinstance(decoder, torch.nn.Module):
+        yield
+        return
+
+    def pre_hook(module: torch.nn.Module, args) -> None:
+        check_cancel()
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in _blocks_of(decoder)]
+    try:
+        check_cancel()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def decode_latents(
+    model: VramwiseModel,
+    latent: VramwiseLatent,
+    tiling: TilingOptions,
+    check_cancel: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, str]:
+    """Frames [F, H, W, 3] float32 0..1 on the CPU, and a note saying how they were decoded.
+
+    ``check_cancel`` (ComfyUI's interrupt check) is called between decoder blocks; whatever it raises ends the
+    decode with the VAE's hooks and memory given back.
+    """
     tiling.validate()
     family = model.family
     if latent.family_id != family.id:
@@ -68,7 +121,8 @@ def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingO
     while True:
         family.vae_tiling(loaded, use_tiles, tile, overlap)
         try:
-            frames = family.decode(loaded, latent.samples)
+            with cancel_checks(loaded.pipe.vae, check_cancel):
+                frames = family.decode(loaded, latent.samples)
             break
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(e) or (use_tiles and tile <= MIN_TILE):
