@@ -85,6 +85,15 @@ def test_a_folder_reachable_directly_and_through_a_link_is_listed_under_its_dire
     assert list_model_folders([root]) == ["wan/a"]
 
 
+def test_one_model_folder_linked_under_two_names_is_listed_under_both(tmp_path, tiny_models_root):
+    root = tmp_path / "diffusers"
+    root.mkdir()
+    for name in ("Wan2.1-I2V-14B-480P-Diffusers", "tiny-wan21-i2v"):
+        (root / name).symlink_to(tiny_models_root / "tiny-wan21-i2v", target_is_directory=True)
+    assert list_model_folders([root]) == ["tiny-wan21-i2v", "Wan2.1-I2V-14B-480P-Diffusers"]
+    assert resolve_model_folder("tiny-wan21-i2v", [root]) == root / "tiny-wan21-i2v"
+
+
 def _copy_with_links(src, dst):
     """A model folder whose model_index.json is a real, editable copy and whose components link to ``src``."""
     dst.mkdir()

@@ -120,6 +120,18 @@ def test_interrupt_during_vae_decode_stops_the_decode_and_the_next_prompt_succee
     _success(comfy_server.run(i2v_prompt(seed=4)))
 
 
+def test_a_request_too_big_for_host_ram_is_refused_up_front_naming_what_to_shrink(comfy_server):
+    # 4096x4096x81 needs ~54 GiB of host RAM on a CPU (the decoded frames alone are 16 GiB of float32).
+    prompt_id = comfy_server.queue(i2v_prompt(width=4096, height=4096, frames=81, save="preview"))
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "VRAMWiseSampler"
+    message = error["exception_message"]
+    assert message.startswith("width/height/num_frames: 4096x4096x81 needs") and "or smaller at 81 frames" in message
+    assert comfy_server.progress(prompt_id, "3") == []  # refused before the first step
+    _success(comfy_server.run(i2v_prompt(seed=5)))
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
+from .cancel_hooks import block_modules, cancel_hooks
 from .device import free_bytes, is_oom, release_memory
 from .errors import InputError
 from .handles import VramwiseLatent, VramwiseModel
+from .memory.host_run import check_request_fits_host, host_oom_error, is_host_oom
 
 # Leave room for the allocator's fragmentation and for whatever else runs on the device.
 FREE_MEMORY_SHARE = 0.85
@@ -54,40 +55,6 @@ def estimate_untiled_bytes(model: VramwiseModel, latent: VramwiseLatent) -> int:
     return int(model.family.decode_bytes_per_pixel(model.loaded) * latent.width * latent.height)
 
 
-def _blocks_of(decoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder and every module held in one of its ModuleLists (up blocks, their resnets and upsamplers)."""
-    out = [decoder]
-    for module in decoder.modules():
-        if isinstance(module, torch.nn.ModuleList):
-            out.extend(module)
-    return out
-
-
-@contextmanager
-def cancel_checks(vae: torch.nn.Module, check_cancel: Callable[[], None] | None) -> Iterator[None]:
-    """Call ``check_cancel`` before the VAE decoder and each of its blocks runs, so Cancel lands within one block.
-
-    The VAEs decode in loops of their own (Wan: one latent frame per decoder call; tiled decodes: one tile per
-    call; I2VGen-XL: chunks of frames), none with a callback, so forward pre-hooks are the one place to ask; they
-    are removed when the decode ends, however it ends.
-    """
-    decoder = getattr(vae, "decoder", None)
-    if check_cancel is None or not isinstance(decoder, torch.nn.Module):
-        yield
-        return
-
-    def pre_hook(module: torch.nn.Module, args) -> None:
-        check_cancel()
-
-    handles = [m.register_forward_pre_hook(pre_hook) for m in _blocks_of(decoder)]
-    try:
-        check_cancel()
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def decode_latents(
     model: VramwiseModel,
     latent: VramwiseLatent,
@@ -117,14 +84,25 @@ def decode_latents(
         use_tiles = tiling.mode is TilingMode.ON
         why = "as requested"
     tile, overlap = tiling.tile, tiling.overlap
+    # The frames are float32 on the host whatever the device; on a CPU the VAE's work is there too.
+    check_request_fits_host(loaded, latent.width, latent.height, latent.num_frames, False,
+                            vae_tile=tile if use_tiles else None, decode_only=True)
     retries: list[str] = []
     while True:
         family.vae_tiling(loaded, use_tiles, tile, overlap)
         try:
-            with cancel_checks(loaded.pipe.vae, check_cancel):
+            # The VAEs decode in loops of their own (Wan: one latent frame per decoder call; tiled: one tile per
+            # call; I2VGen-XL: chunks of frames) with no callback, so Cancel is asked before each decoder block.
+            decoder = getattr(loaded.pipe.vae, "decoder", None)
+            blocks = block_modules(decoder) if isinstance(decoder, torch.nn.Module) else []
+            if check_cancel is not None:
+                check_cancel()
+            with cancel_hooks(blocks, check_cancel):
                 frames = family.decode(loaded, latent.samples)
             break
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if is_host_oom(e):
+                raise host_oom_error(e, latent.width, latent.height, latent.num_frames) from e
             if not is_oom(e) or (use_tiles and tile <= MIN_TILE):
                 raise
             was = f"tiled {tile}px" if use_tiles else "untiled"

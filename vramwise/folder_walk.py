@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
-def walk_once(root: Path, max_depth: int | None = None) -> Iterator[tuple[Path, list[str], list[str]]]:
+def walk_once(
+    root: Path, max_depth: int | None = None, leaf: Callable[[str], bool] | None = None
+) -> Iterator[tuple[Path, list[str], list[str]]]:
     """``os.walk`` of ``root`` (top-down, symlinks followed) yielding (folder, sub-folders, files); each real folder
     is entered once. Callers may prune the yielded sub-folder list in place, as with ``os.walk``.
 
     Real (non-link) sub-folders are walked before links at the same level, so a folder reachable both directly
-    and through a link is listed under its direct name.
+    and through a link is listed under its direct name. ``leaf(path)`` marks folders that are items themselves
+    (a diffusers model folder): like files, they are yielded under every name that links to them (the caller
+    does not descend into them), while a loop or a second path to a folder of folders is still skipped.
     """
     root = Path(root)
     seen: set[str] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(current)
-        if real in seen:
+        if real in seen and not (leaf is not None and leaf(current)):
             dirs.clear()
             continue
         seen.add(real)
@@ -32,7 +36,8 @@ def walk_once(root: Path, max_depth: int | None = None) -> Iterator[tuple[Path, 
         for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(current, d)), d)):
             if d.startswith("."):
                 continue
-            if os.path.realpath(os.path.join(current, d)) in seen:
+            path = os.path.join(current, d)
+            if os.path.realpath(path) in seen and not (leaf is not None and leaf(path)):
                 continue  # a loop back to a folder above, or a folder already walked
             kept.append(d)
         dirs[:] = kept if max_depth is None or depth < max_depth else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -9,6 +10,10 @@ from .errors import ModelFolderError
 from .folder_walk import walk_once
 
 MAX_DEPTH = 4
+
+
+def _is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
 
 
 def list_model_folders(roots: Iterable[Path]) -> list[str]:
@@ -22,7 +27,7 @@ def list_model_folders(roots: Iterable[Path]) -> list[str]:
         root = Path(root)
         if not root.is_dir():
             continue
-        for current, dirs, files in walk_once(root, max_depth=MAX_DEPTH):
+        for current, dirs, files in walk_once(root, max_depth=MAX_DEPTH, leaf=_is_model_folder):
             rel = current.relative_to(root)
             if "model_index.json" in files and rel != Path("."):
                 found.add(rel.as_posix())
