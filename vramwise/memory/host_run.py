@@ -153,7 +153,9 @@ def check_host_run(size: RunSize, family: Any, width: int, height: int, num_fram
 
 def is_host_oom(exc: BaseException) -> bool:
     """True for the CPU allocator's out-of-memory error (torch raises it as a plain RuntimeError)."""
-    if not isinstance(exc, RuntimeError):
+    # torch 2.13 CPU: RuntimeError "[enforce fail at alloc_cpu.cpp:127] ... DefaultCPUAllocator: can't allocate
+    # memory: you tried to allocate N bytes"; older builds say "not enough memory". CUDA OOMs are the planner's.
+    if not isinstance(exc, RuntimeError) or "CUDA" in str(exc):
         return False
     text = str(exc)
     return "DefaultCPUAllocator" in text or "can't allocate memory" in text or "not enough memory" in text
