@@ -5,28 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from PIL import Image, ImageSequence
-
-from api_prompts import i2v_prompt, saved_files
+from api_prompts import assert_success as _success
+from api_prompts import i2v_prompt
+from api_prompts import saved_frames as _frames
 from comfy_harness import PromptFailed, execution_error
 
 pytestmark = pytest.mark.server
 
 PACK_NODES = ("VRAMWiseModelLoader", "VRAMWiseSampler", "VRAMWiseVAEDecode")
-
-
-def _frames(server, entry) -> list[Image.Image]:
-    files = saved_files(entry)
-    assert len(files) == 1, entry.get("outputs")
-    f = files[0]
-    path = server.output_dir / f["subfolder"] / f["filename"]
-    with Image.open(path) as im:
-        return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
-
-
-def _success(entry) -> None:
-    status = entry.get("status", {})
-    assert status.get("status_str") == "success", execution_error(entry) or status
 
 
 def test_pack_registers_every_node_without_import_failures(comfy_server):
@@ -78,7 +64,14 @@ def test_every_offload_mode_runs_on_a_machine_without_cuda(comfy_server, offload
 
 
 def test_fp8_storage_runs(comfy_server):
-    _success(comfy_server.run(i2v_prompt(dtype="fp8_e4m3fn", offload="group")))
+    """fp8 storage is applied (the loader says so) and changes the video: a run that ignored it would match bf16."""
+    fp8 = comfy_server.run(i2v_prompt(dtype="fp8_e4m3fn", offload="group", seed=5))
+    _success(fp8)
+    info = fp8["outputs"]["2"]["text"][0]
+    assert "WanTransformer3DModel: fp8 storage" in info and "UMT5EncoderModel: fp8 storage" in info, info
+    bf16 = comfy_server.run(i2v_prompt(dtype="bf16", offload="group", seed=5))
+    _success(bf16)
+    assert [f.tobytes() for f in _frames(comfy_server, fp8)] != [f.tobytes() for f in _frames(comfy_server, bf16)]
 
 
 def test_progress_event_arrives_for_every_step(comfy_server):
@@ -104,6 +97,34 @@ def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
     _success(comfy_server.run(i2v_prompt(seed=3)))
 
 
+def test_interrupt_during_vae_decode_stops_the_decode_and_the_next_prompt_succeeds(comfy_server):
+    # 128x128x33 decodes for many seconds on CPU with the tiny VAE: long enough for the interrupt to land inside it.
+    prompt_id = comfy_server.queue(i2v_prompt(steps=1, width=128, height=128, frames=33, save="preview"))
+    deadline = time.time() + 120
+    while not any(e.get("type") == "executing" and e["data"].get("node") == "4" for e in comfy_server.events_for(prompt_id)):
+        assert time.time() < deadline, "the decode node never started"
+        time.sleep(0.05)
+    comfy_server.interrupt()
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    kinds = [k for k, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    executed = [e["data"].get("node") for e in comfy_server.events_for(prompt_id) if e.get("type") == "executed"]
+    assert "4" not in executed  # the decode did not run to its end
+    _success(comfy_server.run(i2v_prompt(seed=4)))
+
+
+def test_a_request_too_big_for_host_ram_is_refused_up_front_naming_what_to_shrink(comfy_server):
+    # 4096x4096x81 needs ~54 GiB of host RAM on a CPU (the decoded frames alone are 16 GiB of float32).
+    prompt_id = comfy_server.queue(i2v_prompt(width=4096, height=4096, frames=81, save="preview"))
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "VRAMWiseSampler"
+    message = error["exception_message"]
+    assert message.startswith("width/height/num_frames: 4096x4096x81 needs") and "or smaller at 81 frames" in message
+    assert comfy_server.progress(prompt_id, "3") == []  # refused before the first step
+    _success(comfy_server.run(i2v_prompt(seed=5)))
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
@@ -112,6 +133,10 @@ def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
         ({"steps": 0}, "steps: must be at least 1"),
         ({"model": "tiny-wan22-ti2v-5b", "width": 48}, "width: 48 is not a multiple of 32"),
         ({"end_image": True}, "end_image: Wan2.1 I2V"),
+        ({"resize_mode": "stretch"}, "resize_mode: 'stretch' is not a known resize mode"),
+        ({"tiling": "bogus"}, "tiling: 'bogus' is not a known tiling mode"),
+        ({"save": "writer", "prefix": "x" * 300}, "filename_prefix: its file name part"),
+        ({"save": "writer", "prefix": "y" * 300 + "/clip"}, "filename_prefix: its sub-folder"),
     ],
 )
 def test_bad_input_fails_with_a_message_naming_the_input_and_fix(comfy_server, overrides, needle):
