@@ -149,3 +149,16 @@ def test_cached_embeddings_cannot_be_changed_through_a_returned_copy():
     got = cache.get(_key("a"))[0]
     got.mul_(0)
     assert torch.equal(cache.get(_key("a"))[0], torch.ones(4))
+
+
+def test_a_released_encoder_called_directly_reloads_itself(tiny_models_root):
+    model = load_tiny(tiny_models_root / "tiny-wan21-i2v")
+    encoder = model.loaded.pipe.text_encoder
+    ids = model.loaded.pipe.tokenizer(["a ball"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = encoder(ids).last_hidden_state
+    generate(model, tiny_wan_request())
+    assert ENCODER_WEIGHTS.is_released(encoder)
+    with torch.no_grad():
+        got = encoder(ids).last_hidden_state
+    assert not ENCODER_WEIGHTS.is_released(encoder) and torch.equal(got, expected)
