@@ -63,11 +63,11 @@ _LOAD = """
 """
 
 
-@pytest.mark.parametrize("mode,dtype", [("none", "bf16"), ("stream", "bf16")])
+@pytest.mark.parametrize("mode,dtype", [("none", "bf16"), ("stream", "bf16"), ("none", "fp8_e4m3fn"), ("stream", "fp8_e4m3fn")])
 def test_loading_a_medium_model_peaks_at_its_final_size_plus_one_tensor(medium, mode, dtype):
     r = _run(_LOAD, str(medium), mode, dtype)
     grown, final = r["peak"] - r["base"], r["final"] - r["base"]
-    assert r["weights"] > 250 * MiB
+    assert r["weights"] > (250 if dtype == "bf16" else 125) * MiB
     # One copy of the weights at any time: the stream placer repacks block by block (one block in flight).
     extra = r["block"] if mode == "stream" else 0
     assert grown <= r["weights"] + extra + LOAD_MARGIN, r

@@ -7,6 +7,7 @@ other, while a loader whose inputs changed releases its old pipeline before load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -16,12 +17,13 @@ from typing import Any, Callable
 
 import torch
 
-from .device import allocated_bytes, release_memory
+from .device import allocated_bytes, release_memory, trim_host_heap
 from .errors import InputError, ModelFolderError, VramwiseError
 from .families import detect_family
 from .handles import LoadedPipeline
 from .memory import planner
 from .offload import DESCRIPTIONS, OffloadMode, Placement, StreamSettings, apply_offload
+from .offload.stream import SETTINGS as STREAM_SETTINGS
 from .precision import DENOISER_FP8_SKIP, TEXT_ENCODER_FP8_SKIP, WeightDtype, apply_fp8_storage
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class LoadOptions:
     # Optional non-folder source (e.g. single_file.SingleFileSpec): ``family()`` and
     # ``load(torch_dtype, keep_fp8=...)``; ``folder`` then names its main file in notes and errors.
     source: Any = None
+    # Host RAM the model may hold (GiB); 0 = what the OS reports available minus a headroom (planner.host_budget).
+    host_ram_budget_gb: float = 0.0
 
 
 def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
@@ -54,7 +58,10 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN
             pipe = source.load(options.weight_dtype.compute_dtype, keep_fp8=keep_fp8)
         else:
-            pipe = family.load(options.folder, options.weight_dtype.compute_dtype)
+            # fp8 storage: families that can read the layers it casts straight into fp8 skip the bf16 copy.
+            fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN and family.loads_fp8_directly
+            kw = {"fp8_skip": DENOISER_FP8_SKIP + family.fp8_skip_patterns} if fp8 else {}
+            pipe = family.load(options.folder, options.weight_dtype.compute_dtype, **kw)
     except VramwiseError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
@@ -72,18 +79,25 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     # Components left where they are by the placers (a CPU text encoder); not the fp8 skip patterns above.
     keep_on_cpu = family.text_encoder_names if options.text_encoder_on_cpu else ()
     mode, settings, auto_notes = options.offload_mode, None, []
+    host = planner.host_budget(options.host_ram_budget_gb, held=planner.comp_bytes(
+        planner.components_of(pipe, family.denoiser_names)))
     if mode is OffloadMode.AUTO:
-        mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype)
+        mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host)
+    if mode is OffloadMode.STREAM and options.host_ram_budget_gb:
+        # Never pin more than the budget leaves after the components that are not streamed.
+        others = sum(planner.components_of(pipe, family.denoiser_names).others.values())
+        settings = dataclasses.replace(settings or STREAM_SETTINGS, pinned_cap_bytes=max(0, host - others))
     offload_notes = apply_offload(pipe, mode, placement, family.denoiser_names, keep_on_cpu, settings)
     placement.notes = notes + auto_notes + offload_notes
+    trim_host_heap()  # what loading and repacking freed goes back to the OS now, not after the first run
     return LoadedPipeline(pipe=pipe, family=family, options=options, device=device, notes=list(placement.notes),
                           placement=placement)
 
 
-def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement,
-                  weight_dtype: WeightDtype) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
+def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement, weight_dtype: WeightDtype,
+                  host_budget: int | None = None) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
     """Ask the planner for a plan and turn it into a concrete mode (fp8 storage applied here when it asks)."""
-    est = planner.plan_for_load(pipe, denoisers, placement.device)
+    est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget)
     placement.plan = est
     plan = est.plan
     notes = [f"offload auto: {DESCRIPTIONS[OffloadMode.AUTO]}"]

@@ -106,6 +106,8 @@ class Family(ABC):
     supports_end_image: bool = False
     denoiser_names: tuple[str, ...] = ("transformer",)
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    # ``load`` takes ``fp8_skip`` and reads the layers fp8 storage casts straight into fp8 (weight_loading.py).
+    loads_fp8_directly: bool = False
     # Layers (regex on module names) kept in compute precision under fp8 storage, on top of precision.DENOISER_FP8_SKIP.
     fp8_skip_patterns: tuple[str, ...] = ()
     # Offload modes this family cannot use, with the reason the loader shows (e.g. no repeated blocks to stream).

@@ -25,6 +25,7 @@ _FULL_BASE_DIM = 96
 
 class _WanFamily(Family):
     pipeline_class_name = PIPELINE
+    loads_fp8_directly = True
     text_encoder_names = ("text_encoder",)
     preview_latent_format = "Wan21"
 

@@ -118,7 +118,9 @@ class DenoiserShape:
     @classmethod
     def from_module(cls, module: torch.nn.Module, blocks: list[torch.nn.Module]) -> "DenoiserShape":
         def nbytes(m: torch.nn.Module) -> int:
-            return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+            # In compute dtype (the plans halve it for fp8 storage): a model loaded in fp8 counts 2 bytes per weight.
+            return sum(t.numel() * (2 if t.element_size() == 1 and t.is_floating_point() else t.element_size())
+                       for t in list(m.parameters()) + list(m.buffers()))
 
         total = nbytes(module)
         block = max((nbytes(b) for b in blocks), default=0)

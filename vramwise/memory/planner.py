@@ -185,6 +185,38 @@ def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, 
     )
 
 
+# What the OS, ComfyUI and a browser keep when host_ram_budget_gb is 0 ("what is available").
+DEFAULT_HOST_HEADROOM = int(2.0 * GiB)
+
+
+def host_budget(budget_gb: float | None = None, held: int = 0, headroom: int = DEFAULT_HOST_HEADROOM) -> int:
+    """Host RAM the model may hold: the user's budget, else MemAvailable minus a headroom. ``held``: bytes the
+    model being planned already holds (it was loaded before planning, so MemAvailable no longer counts them)."""
+    if budget_gb:
+        return int(budget_gb * GiB)
+    return max(0, host_available_bytes() + held - headroom)
+
+
+def host_refusal(comp: Components, run: RunShape, budget: int, input_name: str = "host_ram_budget_gb") -> str:
+    """Why no plan fits ``budget`` bytes of host RAM, naming what would: fp8 storage, a smaller model, more RAM."""
+    by_plan = {}
+    for plan in PLANS:
+        if comp.allows(plan):
+            by_plan.setdefault(plan.fp8, estimate(plan, comp, run).host_bytes)
+    bf16, fp8 = by_plan.get(False), by_plan.get(True)
+    need = min(v for v in by_plan.values() if v is not None)
+    parts = [f"the model needs ~{need / GiB:.1f} GiB of host RAM at the least"]
+    if bf16 is not None and fp8 is not None:
+        parts = [f"the model needs ~{bf16 / GiB:.1f} GiB of host RAM in bf16 and ~{fp8 / GiB:.1f} GiB with fp8 storage"]
+    fixes = []
+    if fp8 is not None and fp8 <= budget:
+        fixes.append("weight_dtype fp8_e4m3fn (or offload_mode auto, which picks it)")
+    fixes.append(f"a smaller model (Wan2.2 TI2V 5B needs ~{TI2V_5B_HOST_FP8 / GiB:.0f} GiB with fp8 storage)")
+    fixes.append(f"more RAM: raise {input_name} to at least {need / GiB:.1f} (0 = what the system has available), "
+                 "or close other programs")
+    return f"{parts[0]}, but the host RAM budget is {budget / GiB:.1f} GiB. Fix: " + "; or ".join(fixes) + "."
+
+
 def vram_budget(device: torch.device, budget_gb: float | None = None, headroom_gb: float | None = None) -> int:
     """Usable VRAM: the user's budget, else free memory minus a headroom."""
     from ..device import free_bytes
@@ -273,20 +305,36 @@ def default_run_for(pipe: Any, denoiser_names: Iterable[str] = ("transformer",))
     return DEFAULT_RUN
 
 
-def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device) -> Estimate:
-    """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors)."""
+def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device,
+                  host_budget_bytes: int | None = None) -> Estimate:
+    """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors).
+
+    Host RAM is a hard limit (pinned memory cannot be swapped out; running past it crashes the machine): when no
+    plan fits ``host_budget_bytes`` this raises an InputError naming what would. VRAM is re-checked per run.
+    """
+    from ..errors import InputError
+
     denoisers = tuple(denoiser_names)
     comp = components_of(pipe, denoisers)
     floor = floor_for(key_of(pipe))
     run = default_run_for(pipe, denoisers)
+    host = host_budget_bytes if host_budget_bytes is not None else host_budget(held=comp_bytes(comp))
+    fits_host = [p for p in PLANS[floor:] if comp.allows(p) and estimate(p, comp, run).host_bytes <= host]
+    if not fits_host:
+        raise InputError("host_ram_budget_gb", host_refusal(comp, run, host).split(". Fix: ")[0] + ".",
+                         host_refusal(comp, run, host).split(". Fix: ")[1])
     if device.type != "cuda":
         # CPU: exercise the first offloading plan the model allows (stream where it has repeated blocks)
-        plan = next(p for p in PLANS[max(floor, 1):] if comp.allows(p))
+        plan = next((p for p in fits_host if p.offload != "none"), fits_host[0])
         return estimate(plan, comp, run)
     try:
-        return choose(comp, run, vram_budget(device), host_available_bytes(), floor)
+        return choose(comp, run, vram_budget(device), host, floor)
     except NothingFits:
-        return estimate(PLANS[-1], comp, run)
+        return estimate(fits_host[-1], comp, run)
+
+
+def comp_bytes(comp: Components) -> int:
+    return comp.denoiser_bytes + sum(comp.others.values())
 
 
 def key_of(pipe: Any) -> str:
@@ -294,5 +342,5 @@ def key_of(pipe: Any) -> str:
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
-           "token_merge_conflict", "plan_for_load", "components_of", "key_of",
+           "token_merge_conflict", "plan_for_load", "host_budget", "host_refusal", "components_of", "key_of",
            "run_with_step_down", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]
