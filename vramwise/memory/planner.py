@@ -187,6 +187,10 @@ def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, 
 
 # What the OS, ComfyUI and a browser keep when host_ram_budget_gb is 0 ("what is available").
 DEFAULT_HOST_HEADROOM = int(2.0 * GiB)
+# The smallest model the refusal can point to: Wan2.2 TI2V 5B with weight_dtype fp8_e4m3fn, from its published
+# safetensors headers: transformer 10.0 GB bf16 -> 5.0 GB, UMT5-XXL 11.4 -> 6.2 GB (wo, norms, embeddings stay
+# bf16), Wan2.2 VAE 1.4 GB.
+TI2V_5B_HOST_FP8 = int(5.0e9 + 6.2e9 + 1.4e9)
 
 
 def host_budget(budget_gb: float | None = None, held: int = 0, headroom: int = DEFAULT_HOST_HEADROOM) -> int:
@@ -211,7 +215,8 @@ def host_refusal(comp: Components, run: RunShape, budget: int, input_name: str =
     fixes = []
     if fp8 is not None and fp8 <= budget:
         fixes.append("weight_dtype fp8_e4m3fn (or offload_mode auto, which picks it)")
-    fixes.append(f"a smaller model (Wan2.2 TI2V 5B needs ~{TI2V_5B_HOST_FP8 / GiB:.0f} GiB with fp8 storage)")
+    fixes.append(f"a smaller model (Wan2.2 TI2V 5B needs ~{TI2V_5B_HOST_FP8 / GiB:.0f} GiB with weight_dtype "
+                 "fp8_e4m3fn)")
     fixes.append(f"more RAM: raise {input_name} to at least {need / GiB:.1f} (0 = what the system has available), "
                  "or close other programs")
     return f"{parts[0]}, but the host RAM budget is {budget / GiB:.1f} GiB. Fix: " + "; or ".join(fixes) + "."

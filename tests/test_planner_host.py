@@ -1,0 +1,105 @@
+"""The planner under host-RAM budgets, on the published Wan2.1 I2V 14B and Wan2.2 I2V A14B configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vramwise.errors import InputError
+from vramwise.memory import planner
+from vramwise.memory.estimates import DenoiserShape
+
+from test_planner import WAN14B
+
+GiB = 2**30
+# The published diffusers configs (Wan-AI/*-Diffusers transformer/config.json); A14B experts have no image branch.
+A14B_EXPERT = {k: v for k, v in WAN14B.items() if k != "added_kv_proj_dim"}
+# bf16 bytes from the published safetensors headers: Wan2.1 I2V 14B transformer 32.8 GB, each A14B expert
+# 28.6 GB, UMT5-XXL 11.4 GB (fp8 storage keeps wo/norms/embeddings bf16: 6.2 GB), CLIP-H 1.3 GB, Wan VAE 0.25 GB.
+TE_BF16, TE_FP8 = int(11.4e9), int(6.2e9)
+RUN = planner.DEFAULT_RUN
+
+
+def wan21(te: int = TE_BF16) -> planner.Components:
+    d = DenoiserShape.from_config(WAN14B, total_bytes=int(32.8e9))
+    return planner.Components((d,), {"text_encoder": te, "image_encoder": int(1.3e9), "vae": int(0.25e9)})
+
+
+def a14b(te: int = TE_BF16) -> planner.Components:
+    d = DenoiserShape.from_config(A14B_EXPERT, total_bytes=int(28.6e9))
+    return planner.Components((d, d), {"text_encoder": te, "vae": int(0.25e9)})
+
+
+def choose(comp: planner.Components, host_gib: float) -> planner.Estimate:
+    return planner.choose(comp, RUN, vram_budget=12 * GiB, host_budget=int(host_gib * GiB))
+
+
+@pytest.mark.parametrize("comp,host,plan", [
+    (wan21(), 64, planner.Plan("stream")),
+    (wan21(), 32, planner.Plan("stream", fp8=True)),
+    (wan21(TE_FP8), 24, planner.Plan("stream", fp8=True)),  # weight_dtype fp8: the text encoder is fp8 too
+    (a14b(), 64, planner.Plan("stream", fp8=True)),
+], ids=["wan21-64GiB", "wan21-32GiB", "wan21-fp8-24GiB", "a14b-64GiB"])
+def test_a_12gib_card_gets_the_fastest_plan_whose_host_ram_fits(comp, host, plan):
+    est = choose(comp, host)
+    assert est.plan == plan
+    assert est.host_bytes <= host * GiB and est.pinned_bytes <= est.host_bytes
+    faster = planner.PLANS[: planner.PLANS.index(plan)]
+    # each faster plan the card could run was passed over for host RAM alone
+    assert all(planner.estimate(p, comp, RUN).host_bytes > host * GiB for p in faster if p.offload != "none")
+
+
+@pytest.mark.parametrize("comp,host", [(wan21(), 24), (a14b(), 32), (a14b(TE_FP8), 24)],
+                         ids=["wan21-24GiB", "a14b-32GiB", "a14b-fp8-24GiB"])
+def test_when_nothing_fits_the_host_budget_the_refusal_names_what_would(comp, host):
+    text = planner.host_refusal(comp, RUN, int(host * GiB))
+    bf16 = planner.estimate(planner.Plan("stream"), comp, RUN).host_bytes / GiB
+    fp8 = planner.estimate(planner.Plan("stream", fp8=True), comp, RUN).host_bytes / GiB
+    assert fp8 > host
+    assert f"~{bf16:.1f} GiB of host RAM in bf16 and ~{fp8:.1f} GiB with fp8 storage" in text
+    assert f"budget is {host:.1f} GiB" in text
+    assert "smaller model" in text and f"raise host_ram_budget_gb to at least {fp8:.1f}" in text
+    assert "Fix: weight_dtype fp8_e4m3fn" not in text  # fp8 does not fit either, so it is not offered
+    with pytest.raises(planner.NothingFits):
+        choose(comp, host)
+
+
+def test_the_refusal_offers_fp8_when_fp8_would_fit():
+    text = planner.host_refusal(wan21(), RUN, 30 * GiB)
+    assert "Fix: weight_dtype fp8_e4m3fn" in text
+
+
+def test_host_budget_zero_means_available_plus_what_the_model_already_holds(monkeypatch):
+    monkeypatch.setattr(planner, "host_available_bytes", lambda: 10 * GiB)
+    assert planner.host_budget(0, held=4 * GiB) == 14 * GiB - planner.DEFAULT_HOST_HEADROOM
+    assert planner.host_budget(24.0, held=4 * GiB) == 24 * GiB
+
+
+def _tiny_loaded(tiny_models_root, mode="auto", budget_gb=0.0):
+    from vramwise.loader import LoadOptions, load_pipeline
+    from vramwise.offload import OffloadMode
+    from vramwise.precision import WeightDtype
+
+    options = LoadOptions(tiny_models_root / "tiny-wan21-i2v", OffloadMode(mode), WeightDtype.BF16,
+                          host_ram_budget_gb=budget_gb)
+    return load_pipeline(options, torch.device("cpu"))
+
+
+def test_auto_load_picks_fp8_storage_when_only_it_fits_the_host_budget(tiny_models_root):
+    loaded = _tiny_loaded(tiny_models_root)
+    comp = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
+    bf16 = planner.estimate(planner.Plan("stream"), comp, RUN).host_bytes
+    fp8 = planner.estimate(planner.Plan("stream", fp8=True), comp, RUN).host_bytes
+    assert loaded.placement.plan.plan == planner.Plan("stream")
+    squeezed = _tiny_loaded(tiny_models_root, budget_gb=(bf16 + fp8) / 2 / GiB)
+    assert squeezed.placement.plan.plan == planner.Plan("stream", fp8=True)
+    assert "host RAM" in squeezed.placement.describe()
+    with pytest.raises(InputError, match="host_ram_budget_gb.*fp8 storage.*Fix: .*smaller model"):
+        _tiny_loaded(tiny_models_root, budget_gb=fp8 / 4 / GiB)
+
+
+def test_stream_never_pins_more_than_the_host_budget(tiny_models_root):
+    loaded = _tiny_loaded(tiny_models_root, mode="stream")
+    pinned = sum(e.block_bytes for e in loaded.placement.stream_engines)
+    with pytest.raises(InputError, match="offload_mode.*pinned host memory"):
+        _tiny_loaded(tiny_models_root, mode="stream", budget_gb=pinned / 2 / GiB)
