@@ -11,7 +11,7 @@ from ..vramwise.precision import WeightDtype
 from ..vramwise.single_file import SingleFileSpec
 from . import comfy_bridge as comfy
 from .comfy_bridge import io
-from .model_loader import VRAMWiseModelLoader, loader_fingerprint
+from .model_loader import HOST_RAM_BUDGET, VRAMWiseModelLoader, loader_fingerprint
 from .types import CATEGORY, VramwiseModelType
 
 NONE = "none"
@@ -81,6 +81,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
                 ),
                 io.Combo.Input("vae", options=_options("vae"), tooltip="wan_2.1_vae.safetensors (Wan2.1 and Wan2.2 A14B) or wan2.2_vae.safetensors (Wan2.2 TI2V-5B) (models/vae)."),
                 *_shared_inputs(),
+                HOST_RAM_BUDGET,
             ],
             outputs=[VramwiseModelType.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],
@@ -101,6 +102,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         text_encoder_on_cpu: bool,
         diffusion_model_2: str = NONE,
         clip_vision: str = NONE,
+        host_ram_budget_gb: float = 0.0,
     ) -> io.NodeOutput:
         spec = SingleFileSpec.create(
             diffusion_model=_resolve("diffusion_model", diffusion_model),
@@ -115,6 +117,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
             weight_dtype=WeightDtype.parse(weight_dtype),
             text_encoder_on_cpu=bool(text_encoder_on_cpu),
             source=spec,
+            host_ram_budget_gb=float(host_ram_budget_gb or 0.0),
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)

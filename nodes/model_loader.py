@@ -16,6 +16,19 @@ _MODES_HELP = "\n".join(f"{m.value}: {d}" for m, d in DESCRIPTIONS.items())
 _FAMILIES_HELP = "; ".join(c.label for c in FAMILY_CLASSES)
 
 
+HOST_RAM_BUDGET = io.Float.Input(
+    "host_ram_budget_gb",
+    default=0.0, min=0.0, max=4096.0, step=0.5,
+    optional=True,  # appended: saved workflows and API prompts without it keep loading
+    tooltip=(
+        "System RAM (GiB) the model may hold; 0 = what the system has available now, minus 2 GiB. With offload_mode "
+        "auto the fastest plan that fits is chosen (bf16 pinned, then fp8 storage) or the load is refused naming "
+        "what would fit; stream never pins more than this. The text encoder is dropped from RAM after encoding "
+        "and re-read from its file when the prompt changes."
+    ),
+)
+
+
 def loader_fingerprint(**inputs) -> tuple:
     """Loader inputs plus the cache generation: after an unload ComfyUI's cached output would point at released
     weights, so a changed generation makes it run the loader again."""
@@ -75,6 +88,7 @@ class VRAMWiseModelLoader(io.ComfyNode):
                         "spends ~20-60 s compiling. auto: on when a CUDA GPU and Triton are available, else off."
                     ),
                 ),
+                HOST_RAM_BUDGET,
             ],
             outputs=[VramwiseModelType.Output(display_name="model")],
             hidden=[io.Hidden.unique_id],
@@ -86,12 +100,13 @@ class VRAMWiseModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, offload_mode: str, weight_dtype: str, text_encoder_on_cpu: bool,
-                compile: str = "auto") -> io.NodeOutput:
+                compile: str = "auto", host_ram_budget_gb: float = 0.0) -> io.NodeOutput:
         options = LoadOptions(
             folder=resolve_model_folder(model, comfy.diffusers_roots()),
             offload_mode=OffloadMode.parse(offload_mode),
             weight_dtype=WeightDtype.parse(weight_dtype),
             text_encoder_on_cpu=bool(text_encoder_on_cpu),
+            host_ram_budget_gb=float(host_ram_budget_gb or 0.0),
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
