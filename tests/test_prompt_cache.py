@@ -162,3 +162,26 @@ def test_a_released_encoder_called_directly_reloads_itself(tiny_models_root):
     with torch.no_grad():
         got = encoder(ids).last_hidden_state
     assert not ENCODER_WEIGHTS.is_released(encoder) and torch.equal(got, expected)
+
+
+def test_a_single_file_text_encoder_is_released_and_reloads_from_its_file(tiny_models_root, tmp_path):
+    import single_file_helpers as sfh
+
+    from vramwise.handles import VramwiseModel
+    from vramwise.loader import LoadOptions, load_pipeline
+    from vramwise.offload import OffloadMode
+    from vramwise.precision import WeightDtype
+    from vramwise.single_file import SingleFileSpec
+
+    files = sfh.write_wan21_set(tiny_models_root / "tiny-wan21-i2v", tmp_path)
+    spec = SingleFileSpec.create(**files)
+    options = LoadOptions(folder=files["diffusion_model"], offload_mode=OffloadMode.NONE,
+                          weight_dtype=WeightDtype.BF16, source=spec)
+    model = VramwiseModel(load_pipeline(options, torch.device("cpu")))
+    encoder = model.loaded.pipe.text_encoder
+    original = {k: v.clone() for k, v in encoder.state_dict().items()}
+    generate(model, tiny_wan_request())
+    assert ENCODER_WEIGHTS.is_released(encoder)
+    ENCODER_WEIGHTS.restore(encoder)
+    for k, v in encoder.state_dict().items():
+        assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k

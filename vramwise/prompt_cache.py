@@ -133,13 +133,9 @@ def encoder_identity(loaded: "LoadedPipeline") -> tuple:
 
 def _source_for(loaded: "LoadedPipeline", name: str):
     options = loaded.options
-    if options.source is not None:
-        te = getattr(options.source, "text_encoder", None)
-        if name != "text_encoder" or te is None or not str(te).endswith(".safetensors"):
-            return None
-        from .single_file.text_encoder import text_encoder_source
-
-        return text_encoder_source(Path(te), options.weight_dtype.compute_dtype)
+    if options.source is not None:  # e.g. single_file.SingleFileSpec
+        source_of = getattr(options.source, "weight_source", None)
+        return source_of(name, options.weight_dtype.compute_dtype) if source_of is not None else None
     return folder_source(Path(options.folder) / name, options.weight_dtype.compute_dtype)
 
 

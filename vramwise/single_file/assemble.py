@@ -107,6 +107,14 @@ class SingleFileSpec:
             }
         return family
 
+    def weight_source(self, component: str, dtype: torch.dtype):
+        """Where ``encoder_weights`` re-reads a released component: the text encoder's file, or None."""
+        if component != "text_encoder" or self.text_encoder.suffix.lower() != ".safetensors":
+            return None
+        from .text_encoder import text_encoder_source
+
+        return text_encoder_source(self.text_encoder, dtype)
+
     def load(self, torch_dtype: torch.dtype, keep_fp8: bool = False) -> Any:
         """Build the pipeline on the CPU. ``keep_fp8``: plain fp8 weights stay fp8 (fp8 storage follows)."""
         from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
