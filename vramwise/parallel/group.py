@@ -100,6 +100,8 @@ class WorkerGroup:
         self._lock = threading.RLock()
         self._call_id = 0
         self.starts = 0  # how many times processes were started (a restart after a failure counts)
+        # Per rank, from the last call that finished: peak_gpu_bytes, rss_bytes, pss_bytes (worker.py _stats).
+        self.last_stats: dict[int, dict[str, int]] = {}
         self._finalizer = weakref.finalize(self, _stop, self._state, stop_timeout_s)
 
     # ----- lifecycle -----
@@ -188,6 +190,15 @@ class WorkerGroup:
     def _shutdown_locked(self) -> None:
         _stop(self._state, self.stop_timeout_s)
 
+    def release(self) -> None:
+        """End of a run: streamed ranks free their GPU slots (resident ranks keep their weights)."""
+        with self._lock:
+            for conn in self._state.conns.values():
+                try:
+                    conn.send(p.release())
+                except (OSError, EOFError):
+                    pass  # a dead worker is reported by the next call
+
     # ----- calls -----
     def request_cancel(self) -> None:
         """Ask the running call to stop before its next block (safe from any thread)."""
@@ -228,6 +239,7 @@ class WorkerGroup:
                     self._raise_failure(msg, "while running the denoiser")
                 if kind == p.RESULT:
                     output = p.unpack(msg["output"]) if msg["output"] is not None else output
+                    self.last_stats[rank] = dict(msg.get("stats") or {})
                 cancelled = cancelled or kind == p.CANCELLED
                 pending.discard(rank)
         if cancelled:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .attention import resolve_backend
 from .group import WorkerGroup
 from .proxy import ParallelDenoiser
@@ -44,6 +45,10 @@ class ParallelDenoisers:
                 f"({kind} sequence parallel, {spec.backend}, attention backend "
                 f"{self.group.attention_backend or spec.attention_backend or 'native'})")
 
+    def release(self) -> None:
+        """After every run (the loader's release_hooks): streamed ranks give their GPU slots back."""
+        self.group.release()
+
     def shutdown(self) -> None:
         self.group.shutdown()
 
@@ -56,13 +61,17 @@ def _config(folder: Path, name: str) -> dict[str, Any]:
 
 
 def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: torch.dtype, device: torch.device,
-                    *, attention_backend: str | None = None, ring_degree: int = 1, start: bool = True,
-                    device_type: str | None = None) -> ParallelDenoisers:
+                    *, placement: str = "resident", attention_backend: str | None = None, ring_degree: int = 1,
+                    start: bool = True, device_type: str | None = None) -> ParallelDenoisers:
     """Check that ``family`` at ``gpus`` can run split, start ``gpus`` workers, return the proxies.
 
     ``device`` is where the pipeline (latents, VAE) lives and where outputs are returned. ``device_type``
     "cuda" runs rank r on cuda:r with NCCL (the default when CUDA is present), "cpu" runs gloo (tests, bench).
+    ``placement`` "resident" (each GPU holds the whole denoiser) or "stream" (each rank streams its blocks).
     """
+    if placement not in ("resident", "stream"):
+        raise InputError("offload_mode", f"'{placement}' cannot run on several GPUs.",
+                         "use none (resident on every GPU) or stream.")
     folder = Path(folder)
     check_family(family, gpus)
     names = tuple(n for n in family.denoiser_names if (folder / n / "config.json").is_file())
@@ -76,7 +85,7 @@ def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: tor
     threads = max(1, (os.cpu_count() or 1) // gpus) if device_type == "cpu" else None
     spec = WorkerSpec(folder=str(folder), denoisers=names, world_size=gpus, device_type=device_type,
                       dtype=str(torch_dtype).removeprefix("torch."), attention_backend=attention_backend or None,
-                      ring_degree=ring_degree, threads=threads)
+                      ring_degree=ring_degree, threads=threads, placement=placement)
     group = WorkerGroup(spec)
     if start:
         group.start()

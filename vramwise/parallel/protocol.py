@@ -19,8 +19,10 @@ import torch
 
 _TENSOR = "__tensor__"
 
-# Message kinds. Parent -> worker: CALL, SHUTDOWN. Worker -> parent: READY, RESULT, CANCELLED, FAILED.
-CALL, SHUTDOWN, READY, RESULT, CANCELLED, FAILED = "call", "shutdown", "ready", "result", "cancelled", "failed"
+# Message kinds. Parent -> worker: CALL, RELEASE (end of a run, no reply), SHUTDOWN.
+# Worker -> parent: READY, RESULT, CANCELLED, FAILED.
+CALL, RELEASE, SHUTDOWN = "call", "release", "shutdown"
+READY, RESULT, CANCELLED, FAILED = "ready", "result", "cancelled", "failed"
 
 
 def pack(value: Any) -> Any:
@@ -62,6 +64,10 @@ def call(call_id: int, denoiser: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"kind": CALL, "call_id": call_id, "denoiser": denoiser, "kwargs": pack(kwargs)}
 
 
+def release() -> dict[str, Any]:
+    return {"kind": RELEASE}
+
+
 def shutdown() -> dict[str, Any]:
     return {"kind": SHUTDOWN}
 
@@ -70,9 +76,10 @@ def ready(rank: int, device: str, attention_backend: str) -> dict[str, Any]:
     return {"kind": READY, "rank": rank, "device": device, "attention_backend": attention_backend}
 
 
-def result(call_id: int, rank: int, output: torch.Tensor | None) -> dict[str, Any]:
+def result(call_id: int, rank: int, output: torch.Tensor | None, stats: dict[str, int] | None = None
+           ) -> dict[str, Any]:
     # Only rank 0 sends the output: after the gather at proj_out every rank holds the same full tensor.
-    return {"kind": RESULT, "call_id": call_id, "rank": rank, "output": pack(output)}
+    return {"kind": RESULT, "call_id": call_id, "rank": rank, "output": pack(output), "stats": stats or {}}
 
 
 def cancelled(call_id: int, rank: int, block: int) -> dict[str, Any]:

@@ -23,6 +23,11 @@ class WorkerSpec:
     # Seconds a collective may wait before the process group gives up (a peer that died leaves the rest waiting;
     # the parent stops them long before this).
     collective_timeout_s: float = 600.0
+    # "resident": each rank holds the whole denoiser on its GPU. "stream": each rank streams the repeated blocks
+    # from pinned host memory through the pack's stream engine (offload/stream.py, stock block forward: the lean
+    # forward swaps the attention processors that carry the context-parallel config). Each rank pins its own
+    # copy of the blocks today, so host RAM holds N copies; see launch.py.
+    placement: str = "resident"
 
     @property
     def ulysses_degree(self) -> int:

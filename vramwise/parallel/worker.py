@@ -39,8 +39,17 @@ def load_denoiser(spec: WorkerSpec, name: str, device: torch.device) -> torch.nn
     folder = os.path.join(spec.folder, name)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         cls = getattr(diffusers, json.load(f)["_class_name"])
-    model = cls.from_pretrained(folder, torch_dtype=getattr(torch, spec.dtype), use_safetensors=True)
-    return model.to(device).eval()
+    model = cls.from_pretrained(folder, torch_dtype=getattr(torch, spec.dtype), use_safetensors=True).eval()
+    return model.to(device) if spec.placement == "resident" else model
+
+
+def _place(model: torch.nn.Module, spec: WorkerSpec, device: torch.device) -> Any:
+    """Streamed placement: the stream engine on this rank's GPU (blocks on the host, the rest on the GPU)."""
+    if spec.placement != "stream":
+        return None
+    from ..offload.stream import StreamOffload
+
+    return StreamOffload(model, device, lean=False, ffn_chunk_tokens=8192)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -88,6 +97,20 @@ def _forward(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _stats(device: torch.device) -> dict[str, int]:
+    """This rank's peak GPU bytes during the call and its host memory (PSS: shared mmapped pages counted once)."""
+    stats = {"peak_gpu_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0}
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                if key in ("Rss", "Pss"):
+                    stats[key.lower() + "_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return stats
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the parent is gone, even from inside a collective that will never complete (no orphans)."""
     while True:
@@ -118,10 +141,12 @@ def serve(rank: int, spec: WorkerSpec, store_port: int, conn: Any, flag: CancelF
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
         dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world_size, timeout=timeout)
         models: dict[str, torch.nn.Module] = {}
+        engines: dict[str, Any] = {}  # kept alive with the models
         for name in spec.denoisers:
             model = load_denoiser(spec, name, device)
             _enable_parallelism(model, spec)
             _install_cancel_checks(model, flag, device)
+            engines[name] = _place(model, spec, device)
             models[name] = model
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
@@ -138,12 +163,22 @@ def serve(rank: int, spec: WorkerSpec, store_port: int, conn: Any, flag: CancelF
                 return  # the parent is gone
             if msg.get("kind") == p.SHUTDOWN:
                 return
+            if msg.get("kind") == p.RELEASE:
+                # End of a run: streamed ranks give their GPU slots and resident parts back, as in one process.
+                for engine in engines.values():
+                    if engine is not None:
+                        engine.release()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if msg.get("kind") != p.CALL:
                 continue
             call_id = msg["call_id"]
             try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 out = _forward(models[msg["denoiser"]], p.unpack(msg["kwargs"], device))
-                conn.send(p.result(call_id, rank, out if rank == 0 else None))
+                conn.send(p.result(call_id, rank, out if rank == 0 else None, _stats(device)))
             except _Stop as stop:
                 conn.send(p.cancelled(call_id, rank, stop.block))
             except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the group
