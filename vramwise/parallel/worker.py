@@ -57,11 +57,15 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
 
 
-def _install_cancel_checks(model: torch.nn.Module, flag: CancelFlag, device: torch.device) -> None:
+def _install_cancel_checks(model: torch.nn.Module, flag: CancelFlag, device: torch.device, spec_world: int) -> None:
     agreed = torch.zeros(1, dtype=torch.int32, device=device)
 
     def make(index: int):
         def pre_hook(module: torch.nn.Module, args: Any) -> None:
+            if spec_world == 1:
+                if flag.is_set():
+                    raise _Stop(index)
+                return
             agreed.fill_(1 if flag.is_set() else 0)
             # One 4-byte collective per block: 40 per forward of a 14B Wan, against ~100 ms of compute per block.
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
@@ -82,6 +86,8 @@ def _enable_parallelism(model: torch.nn.Module, spec: WorkerSpec) -> None:
 
     if spec.attention_backend:
         model.set_attention_backend(spec.attention_backend)
+    if spec.world_size == 1:
+        return  # one rank (benchmark baseline): diffusers refuses a context-parallel degree of 1
     config = ContextParallelConfig(
         ulysses_degree=spec.ulysses_degree if spec.ulysses_degree > 1 else None,
         ring_degree=spec.ring_degree if spec.ring_degree > 1 else None,
@@ -145,7 +151,7 @@ def serve(rank: int, spec: WorkerSpec, store_port: int, conn: Any, flag: CancelF
         for name in spec.denoisers:
             model = load_denoiser(spec, name, device)
             _enable_parallelism(model, spec)
-            _install_cancel_checks(model, flag, device)
+            _install_cancel_checks(model, flag, device, spec.world_size)
             engines[name] = _place(model, spec, device)
             models[name] = model
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
