@@ -128,6 +128,17 @@ def test_a_cancel_stops_the_workers_before_a_block_and_they_stay_usable(parallel
     assert (out.float() - _reference(single, _inputs()).float()).abs().max().item() <= ATOL
 
 
+def test_an_error_every_rank_raises_alike_keeps_the_workers_loaded(parallel, single):
+    pids = parallel.group.pids
+    bad = dict(_inputs(), hidden_states=torch.randn(1, 20, 2, 8, 8).bfloat16())  # 20 channels, the model has 36
+    with pytest.raises(ParallelWorkerError) as e:
+        parallel.proxies["transformer"](**bad, return_dict=False)
+    assert "raised RuntimeError" in str(e.value) and "stay loaded" in str(e.value) and not e.value.group_stopped
+    assert parallel.group.pids == pids and parallel.group.alive
+    out = parallel.proxies["transformer"](**_inputs(), return_dict=False)[0]
+    assert (out.float() - _reference(single, _inputs()).float()).abs().max().item() <= ATOL
+
+
 class _CancelWhileWaiting(Recorder):
     """Raises the host's interrupt from the cancel check that runs while the workers compute."""
 
@@ -173,7 +184,7 @@ def test_a_worker_killed_mid_run_is_a_clear_error_and_the_next_run_works(paralle
         _run(wan, parallel, _request(steps=4), _KillRank1(group))
     message = str(e.value)
     assert "rank 1" in message and "exit code -9 (killed by SIGKILL)" in message and "Fix:" in message
-    assert e.value.rank == 1 and e.value.exitcode == -9
+    assert e.value.rank == 1 and e.value.exitcode == -9 and e.value.group_stopped
     # The surviving rank was stopped too: nothing is left waiting in a collective.
     assert not group.alive and _worker_processes() == []
     ref = generate(wan, _request(steps=2))

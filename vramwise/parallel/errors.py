@@ -21,15 +21,18 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class ParallelWorkerError(VramwiseError):
-    """A worker died or raised; the group was stopped and starts again on the next call."""
+    """A worker died or raised; unless every rank raised alike, the group was stopped (it restarts on the next call)."""
 
-    def __init__(self, rank: int, device: str, what: str, fix: str, exitcode: int | None = None) -> None:
+    STOPPED = "The other workers were stopped; the next run starts them again."
+    KEPT = "Every rank failed the same way before waiting on the others, so the workers stay loaded."
+
+    def __init__(self, rank: int, device: str, what: str, fix: str, exitcode: int | None = None,
+                 group_stopped: bool = True) -> None:
         self.rank = rank
         self.exitcode = exitcode
-        super().__init__(
-            f"Parallel denoiser worker rank {rank} ({device}) {what}. The other workers were stopped; the next run "
-            f"starts them again. Fix: {fix}"
-        )
+        self.group_stopped = group_stopped
+        after = self.STOPPED if group_stopped else self.KEPT
+        super().__init__(f"Parallel denoiser worker rank {rank} ({device}) {what}. {after} Fix: {fix}")
 
 
 class ParallelCancelled(Exception):

@@ -236,7 +236,7 @@ class WorkerGroup:
                                            call_id=call_id):
                 kind = msg["kind"]
                 if kind == p.FAILED:
-                    self._raise_failure(msg, "while running the denoiser")
+                    self._raise_failure(msg, "while running the denoiser", pending - {rank}, call_id)
                 if kind == p.RESULT:
                     output = p.unpack(msg["output"]) if msg["output"] is not None else output
                     self.last_stats[rank] = dict(msg.get("stats") or {})
@@ -320,15 +320,38 @@ class WorkerGroup:
         fix = _SIGKILL_FIX if code == -9 else _GENERIC_FIX
         raise ParallelWorkerError(rank, device, f"exited with {describe_exit(code)} {what}", fix, exitcode=code)
 
-    def _raise_failure(self, msg: dict[str, Any], what: str) -> None:
-        # A peer that died is the cause, the others' errors (broken collectives) the symptom: report the death.
-        self._check_deaths(what, wait_s=self.failure_grace_s)
+    def _others_failed_too(self, others: set[int], call_id: int | None) -> bool:
+        """True when every other rank also reports a failure of this call within the grace period: then no rank
+        waits in a collective (they all failed before or at the same one) and the group stays usable."""
+        left = set(others)
+        deadline = time.monotonic() + self.failure_grace_s
+        while left and time.monotonic() < deadline:
+            conns = {self._state.conns[r]: r for r in left}
+            for conn in wait(list(conns), timeout=self.poll_s):
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    return False
+                if msg.get("call_id") != call_id:
+                    continue
+                if msg["kind"] != p.FAILED:
+                    return False
+                left.discard(conns[conn])
+        return not left
+
+    def _raise_failure(self, msg: dict[str, Any], what: str, others: set[int] = frozenset(),
+                       call_id: int | None = None) -> None:
         rank = int(msg["rank"])
         device = self._state.devices.get(rank, "?")
         log.error("parallel worker rank %d failed %s:\n%s", rank, what, msg["traceback"])
-        self._shutdown_locked()
+        keep = call_id is not None and self._others_failed_too(others, call_id) and not msg["oom"]
+        # A peer that died is the cause, the others' errors (broken collectives) the symptom: report the death.
+        self._check_deaths(what, wait_s=0.0 if keep else self.failure_grace_s)
+        if not keep:
+            self._shutdown_locked()
         if msg["oom"]:
             raise torch.OutOfMemoryError(
                 f"Parallel denoiser worker rank {rank} ({device}) ran out of memory {what}: {msg['message']}"
             )
-        raise ParallelWorkerError(rank, device, f"raised {msg['error']}: {msg['message']} {what}", _GENERIC_FIX)
+        raise ParallelWorkerError(rank, device, f"raised {msg['error']}: {msg['message']} {what}", _GENERIC_FIX,
+                                  group_stopped=not keep)
