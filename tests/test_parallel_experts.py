@@ -1,7 +1,10 @@
 """Wan2.2 A14B's two experts on two gloo ranks, each rank streaming its blocks through the pack's stream engine
-(placement "stream"), against both experts in one process; the proxy routes each call to the right expert."""
+(placement "stream", block buffers shared by the ranks), against both experts in one process; the proxy routes
+each call to the right expert."""
 
 from __future__ import annotations
+
+import glob
 
 import pytest
 import torch
@@ -44,6 +47,11 @@ def test_both_experts_stream_on_two_ranks_and_match_one_process(parallel, folder
     assert not torch.allclose(outs["transformer"], outs["transformer_2"])
     stats = parallel.group.last_stats
     assert set(stats) == {0, 1} and all(s.get("pss_bytes", 0) > 0 for s in stats.values())
+    # One copy of the streamed blocks on the host: rank 0 wrote the shared buffers, rank 1 only mapped them,
+    # and their names are gone from /dev/shm once both had mapped them.
+    assert stats[0]["shared_host_bytes"] == stats[1]["shared_host_bytes"] > 0
+    assert stats[0]["written_host_bytes"] == stats[0]["shared_host_bytes"] and stats[1]["written_host_bytes"] == 0
+    assert not glob.glob(f"/dev/shm/vramwise-{parallel.group.spec.share_token}-*")
     parallel.release()  # end of run: the streamed ranks give their slots back and keep serving
     again = parallel.proxies["transformer"](**inputs, return_dict=False)[0]
     assert torch.equal(again, outs["transformer"])

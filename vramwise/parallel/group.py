@@ -59,7 +59,19 @@ class _State:
         self.attention_backend: str | None = None
 
 
-def _stop(state: _State, timeout_s: float) -> None:
+def _remove_shared_files(token: str) -> None:
+    """Shared block buffers a rank created but did not get to unlink (it died while the group was starting)."""
+    import glob
+
+    if token:
+        for path in glob.glob(f"/dev/shm/vramwise-{glob.escape(token)}-*"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _stop(state: _State, timeout_s: float, share_token: str = "") -> None:
     for conn in state.conns.values():
         try:
             conn.send(p.shutdown())
@@ -84,6 +96,7 @@ def _stop(state: _State, timeout_s: float) -> None:
     if state.flag is not None:
         state.flag.close()
     state.procs, state.conns, state.listener, state.store, state.flag = [], {}, None, None, None
+    _remove_shared_files(share_token)
 
 
 class WorkerGroup:
@@ -102,7 +115,7 @@ class WorkerGroup:
         self.starts = 0  # how many times processes were started (a restart after a failure counts)
         # Per rank, from the last call that finished: peak_gpu_bytes, rss_bytes, pss_bytes (worker.py _stats).
         self.last_stats: dict[int, dict[str, int]] = {}
-        self._finalizer = weakref.finalize(self, _stop, self._state, stop_timeout_s)
+        self._finalizer = weakref.finalize(self, _stop, self._state, stop_timeout_s, spec.share_token)
 
     # ----- lifecycle -----
     @property
@@ -188,7 +201,7 @@ class WorkerGroup:
             self._shutdown_locked()
 
     def _shutdown_locked(self) -> None:
-        _stop(self._state, self.stop_timeout_s)
+        _stop(self._state, self.stop_timeout_s, self.spec.share_token)
 
     def release(self) -> None:
         """End of a run: streamed ranks free their GPU slots (resident ranks keep their weights)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: tor
     threads = max(1, (os.cpu_count() or 1) // gpus) if device_type == "cpu" else None
     spec = WorkerSpec(folder=str(folder), denoisers=names, world_size=gpus, device_type=device_type,
                       dtype=str(torch_dtype).removeprefix("torch."), attention_backend=attention_backend or None,
-                      ring_degree=ring_degree, threads=threads, placement=placement)
+                      ring_degree=ring_degree, threads=threads, placement=placement,
+                      share_token=f"{os.getpid()}-{secrets.token_hex(4)}")
     group = WorkerGroup(spec)
     if start:
         group.start()

@@ -24,10 +24,10 @@ class WorkerSpec:
     # the parent stops them long before this).
     collective_timeout_s: float = 600.0
     # "resident": each rank holds the whole denoiser on its GPU. "stream": each rank streams the repeated blocks
-    # from pinned host memory through the pack's stream engine (offload/stream.py, stock block forward: the lean
-    # forward swaps the attention processors that carry the context-parallel config). Each rank pins its own
-    # copy of the blocks today, so host RAM holds N copies; see launch.py.
+    # from pinned host memory through the pack's stream engine, the block buffers shared by all ranks
+    # (shared_host.py), so host RAM holds them once.
     placement: str = "resident"
+    share_token: str = ""  # names the shared block buffers of this group in /dev/shm (launch.py sets it)
 
     @property
     def ulysses_degree(self) -> int:

@@ -27,6 +27,9 @@ from .cancel_flag import CancelFlag
 from .spec import WorkerSpec
 
 
+_ENGINES: list[Any] = []  # this process's shared-host stream engines, for _stats
+
+
 class _Stop(Exception):
     def __init__(self, block: int) -> None:
         self.block = block
@@ -43,13 +46,16 @@ def load_denoiser(spec: WorkerSpec, name: str, device: torch.device) -> torch.nn
     return model.to(device) if spec.placement == "resident" else model
 
 
-def _place(model: torch.nn.Module, spec: WorkerSpec, device: torch.device) -> Any:
-    """Streamed placement: the stream engine on this rank's GPU (blocks on the host, the rest on the GPU)."""
+def _place(model: torch.nn.Module, spec: WorkerSpec, device: torch.device, rank: int, name: str) -> Any:
+    """Streamed placement: the stream engine on this rank's GPU, its block buffers shared by all ranks."""
     if spec.placement != "stream":
         return None
-    from ..offload.stream import StreamOffload
+    from .shared_host import SharedHostStream
 
-    return StreamOffload(model, device, lean=False, ffn_chunk_tokens=8192)
+    # Stock block forward (lean=False): the lean forward swaps the attention processors that carry the
+    # context-parallel config.
+    return SharedHostStream(model, device, token=f"{spec.share_token}-{name}", rank=rank, lean=False,
+                            ffn_chunk_tokens=8192)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -106,6 +112,9 @@ def _forward(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
 def _stats(device: torch.device) -> dict[str, int]:
     """This rank's peak GPU bytes during the call and its host memory (PSS: shared mmapped pages counted once)."""
     stats = {"peak_gpu_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0}
+    for engine in _ENGINES:
+        stats["shared_host_bytes"] = stats.get("shared_host_bytes", 0) + engine.shared_bytes
+        stats["written_host_bytes"] = stats.get("written_host_bytes", 0) + engine.written_bytes
     try:
         with open("/proc/self/smaps_rollup", encoding="ascii") as f:
             for line in f:
@@ -149,10 +158,18 @@ def serve(rank: int, spec: WorkerSpec, store_port: int, conn: Any, flag: CancelF
         models: dict[str, torch.nn.Module] = {}
         engines: dict[str, Any] = {}  # kept alive with the models
         for name in spec.denoisers:
-            model = load_denoiser(spec, name, device)
-            _enable_parallelism(model, spec)
-            _install_cancel_checks(model, flag, device, spec.world_size)
-            engines[name] = _place(model, spec, device)
+            # Streamed ranks load one after the other: each holds a private copy of the weights only until its
+            # blocks point into the shared buffers, so host RAM peaks at one shared + one private copy.
+            for turn in range(spec.world_size if spec.placement == "stream" else 1):
+                if spec.placement != "stream" or turn == rank:
+                    model = load_denoiser(spec, name, device)
+                    _enable_parallelism(model, spec)
+                    _install_cancel_checks(model, flag, device, spec.world_size)
+                if spec.placement == "stream" and turn < spec.world_size - 1:
+                    dist.barrier()
+            engines[name] = _place(model, spec, device, rank, name)
+            if engines[name] is not None:
+                _ENGINES.append(engines[name])
             models[name] = model
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
