@@ -112,3 +112,19 @@ def test_cancel_flag_is_seen_by_a_second_mapping_and_the_owner_removes_the_file(
 def test_exit_codes_name_the_signal():
     assert describe_exit(-9) == "exit code -9 (killed by SIGKILL)"
     assert describe_exit(3) == "exit code 3"
+
+
+def test_weight_size_comes_from_the_safetensors_header_and_picks_the_placement(tiny_models_root):
+    from safetensors.torch import load_file
+
+    from vramwise.parallel.placement import choose_placement, denoiser_bytes
+
+    folder = tiny_models_root / "tiny-wan21-i2v"
+    tensors = [t for f in (folder / "transformer").glob("*.safetensors") for t in load_file(f).values()]
+    size = denoiser_bytes(folder, ["transformer"])
+    assert size == sum(t.numel() * t.element_size() for t in tensors) > 0
+    assert denoiser_bytes(folder, ["transformer"], dtype_bytes=2) == 2 * sum(t.numel() for t in tensors)
+    gib = 2**30
+    assert choose_placement(30 * gib, [80 * gib, 80 * gib], 4 * gib) == "resident"
+    assert choose_placement(30 * gib, [80 * gib, 24 * gib], 4 * gib) == "stream"  # one small GPU: all stream
+    assert choose_placement(30 * gib, [], 0) == "stream"

@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError
 from .attention import resolve_backend
 from .group import WorkerGroup
+from .placement import choose_placement, denoiser_bytes
 from .proxy import ParallelDenoiser
 from .spec import WorkerSpec
 from .support import check_device_count, check_family, check_heads
@@ -42,8 +43,8 @@ class ParallelDenoisers:
     def describe(self) -> str:
         spec = self.group.spec
         kind = "Ulysses" if spec.ring_degree == 1 else f"ring {spec.ring_degree} x Ulysses {spec.ulysses_degree}"
-        return (f"denoiser on {spec.world_size} {'GPUs' if spec.device_type == 'cuda' else 'CPU processes'} "
-                f"({kind} sequence parallel, {spec.backend}, attention backend "
+        return (f"denoiser on {spec.world_size} {'GPUs' if spec.device_type == 'cuda' else 'CPU processes'}, "
+                f"{spec.placement} on each ({kind} sequence parallel, {spec.backend}, attention backend "
                 f"{self.group.attention_backend or spec.attention_backend or 'native'})")
 
     def release(self) -> None:
@@ -62,17 +63,20 @@ def _config(folder: Path, name: str) -> dict[str, Any]:
 
 
 def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: torch.dtype, device: torch.device,
-                    *, placement: str = "resident", attention_backend: str | None = None, ring_degree: int = 1,
-                    start: bool = True, device_type: str | None = None) -> ParallelDenoisers:
+                    *, placement: str = "auto", attention_backend: str | None = None, ring_degree: int = 1,
+                    start: bool = True, device_type: str | None = None,
+                    activation_bytes_per_gpu: int = 0) -> ParallelDenoisers:
     """Check that ``family`` at ``gpus`` can run split, start ``gpus`` workers, return the proxies.
 
     ``device`` is where the pipeline (latents, VAE) lives and where outputs are returned. ``device_type``
     "cuda" runs rank r on cuda:r with NCCL (the default when CUDA is present), "cpu" runs gloo (tests, bench).
-    ``placement`` "resident" (each GPU holds the whole denoiser) or "stream" (each rank streams its blocks).
+    ``placement`` "resident" (each GPU holds the whole denoiser), "stream" (each rank streams its blocks, one
+    shared host copy), or "auto": resident when every GPU's free memory holds the weights plus
+    ``activation_bytes_per_gpu`` (the planner's estimate for 1/N of the tokens) and headroom, else stream.
     """
-    if placement not in ("resident", "stream"):
+    if placement not in ("auto", "resident", "stream"):
         raise InputError("offload_mode", f"'{placement}' cannot run on several GPUs.",
-                         "use none (resident on every GPU) or stream.")
+                         "use auto, none (resident on every GPU) or stream.")
     folder = Path(folder)
     check_family(family, gpus)
     names = tuple(n for n in family.denoiser_names if (folder / n / "config.json").is_file())
@@ -82,7 +86,14 @@ def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: tor
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         check_device_count(gpus, torch.cuda.device_count())
-    backend = resolve_backend(attention_backend, ring_degree)
+    resolve_backend(attention_backend, ring_degree)  # refuses a backend that cannot split attention
+    if placement == "auto":
+        if device_type == "cuda":
+            weights = denoiser_bytes(folder, names, torch.tensor([], dtype=torch_dtype).element_size())
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(gpus)]
+            placement = choose_placement(weights, free, activation_bytes_per_gpu)
+        else:
+            placement = "resident"
     threads = max(1, (os.cpu_count() or 1) // gpus) if device_type == "cpu" else None
     spec = WorkerSpec(folder=str(folder), denoisers=names, world_size=gpus, device_type=device_type,
                       dtype=str(torch_dtype).removeprefix("torch."), attention_backend=attention_backend or None,
@@ -92,5 +103,4 @@ def launch_parallel(folder: Path | str, family: Any, gpus: int, torch_dtype: tor
     if start:
         group.start()
     proxies = {n: ParallelDenoiser(group, n, configs[n], torch_dtype, device) for n in names}
-    del backend  # validated above; the workers resolve the same name themselves
     return ParallelDenoisers(group, proxies)
