@@ -13,12 +13,10 @@ no hook for supplying host memory, and the rest of it (slots, prefetch, hooks) i
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import torch
 
 from ..errors import InputError
-from ..offload.stream import StreamOffload, _get, _set, _view
+from ..offload.stream import StreamOffload, StreamSettings, _get, _set, _view
 
 SHM_DIR = "/dev/shm"
 
@@ -33,13 +31,14 @@ def _register_pinned(host: torch.Tensor) -> bool:
 class SharedHostStream(StreamOffload):
     """``StreamOffload`` whose block buffers live in host memory shared by all ranks of the process group."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, *, token: str, rank: int, **kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, settings: StreamSettings, *, token: str,
+                 rank: int) -> None:
         self._token = token
         self._rank = rank
         self.shared_bytes = 0  # bytes of block buffers this rank maps from the shared files
         self.written_bytes = 0  # bytes this rank copied into them (rank 0 only)
         self.pinned = False
-        super().__init__(model, device, **kwargs)
+        super().__init__(model, device, settings)
 
     @property
     def pin(self) -> bool:

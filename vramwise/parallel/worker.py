@@ -50,12 +50,13 @@ def _place(model: torch.nn.Module, spec: WorkerSpec, device: torch.device, rank:
     """Streamed placement: the stream engine on this rank's GPU, its block buffers shared by all ranks."""
     if spec.placement != "stream":
         return None
+    from ..offload.stream import StreamSettings
     from .shared_host import SharedHostStream
 
     # Stock block forward (lean=False): the lean forward swaps the attention processors that carry the
-    # context-parallel config.
-    return SharedHostStream(model, device, token=f"{spec.share_token}-{name}", rank=rank, lean=False,
-                            ffn_chunk_tokens=8192)
+    # context-parallel config. No compile: the per-block cancel all-reduce would be traced into the graphs.
+    settings = StreamSettings(lean=False, ffn_chunk_tokens=8192, compile_blocks=False)
+    return SharedHostStream(model, device, settings, token=f"{spec.share_token}-{name}", rank=rank)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
