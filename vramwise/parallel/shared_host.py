@@ -2,8 +2,9 @@
 
 The stream engine (offload/stream.py) packs each block into one flat host buffer. Here rank 0 packs into files
 in /dev/shm mapped ``MAP_SHARED`` (``torch.from_file(shared=True)``); the other ranks map the same files and
-point their blocks at them without copying; once every rank has mapped them the files are unlinked, so nothing
-is left behind whatever happens later. With CUDA each rank registers the mapping as pinned
+point their blocks at them without copying, one rank at a time, so a rank's private copy of the weights (from
+loading) is freed before the next rank loads; once every rank has mapped them the files are unlinked, so nothing
+is left behind whatever happens later (the group also removes leftovers when it stops). With CUDA each rank registers the mapping as pinned
 (``cudaHostRegister``): the pages are shared, so pinning them in N processes does not copy them.
 
 This subclasses ``StreamOffload`` and replaces only ``_pack`` (where the host buffers are made): the engine has
@@ -59,29 +60,28 @@ class SharedHostStream(StreamOffload):
             )
 
     def _pack(self) -> None:
-        import torch.distributed as dist
-
+        """Rank 0 creates and fills the shared buffers; every other rank maps them without copying. The caller
+        orders this (rank 0 first, then the others) with barriers; see worker.py."""
         layouts = self.layouts + self.transient_layouts
         if self._rank == 0:
             self._check_shm()
-            for i, layout in enumerate(layouts):
-                host = torch.from_file(self._path(i), shared=True, size=layout.nbytes, dtype=torch.uint8)
-                for e in layout.entries:
-                    _view(host, e).copy_(_get(e).detach().to("cpu"))
-                self.written_bytes += layout.nbytes
-        dist.barrier()  # rank 0 has written every buffer
         for i, layout in enumerate(layouts):
             host = torch.from_file(self._path(i), shared=True, size=layout.nbytes, dtype=torch.uint8)
             for e in layout.entries:
+                if self._rank == 0:
+                    _view(host, e).copy_(_get(e).detach().to("cpu"))
                 _set(e, _view(host, e))
+            if self._rank == 0:
+                self.written_bytes += layout.nbytes
             layout.host = host
             self.shared_bytes += layout.nbytes
-        dist.barrier()  # every rank has mapped them: the names can go, the mappings stay
-        if self._rank == 0:
-            for i in range(len(layouts)):
-                try:
-                    os.unlink(self._path(i))
-                except FileNotFoundError:
-                    pass
         if self.sync.cuda:
             self.pinned = all(_register_pinned(l.host) for l in layouts)
+
+    def unlink(self) -> None:
+        """Remove the buffers' names once every rank has mapped them; the mappings stay valid."""
+        for i in range(len(self.layouts) + len(self.transient_layouts)):
+            try:
+                os.unlink(self._path(i))
+            except FileNotFoundError:
+                pass

@@ -159,18 +159,22 @@ def serve(rank: int, spec: WorkerSpec, store_port: int, conn: Any, flag: CancelF
         models: dict[str, torch.nn.Module] = {}
         engines: dict[str, Any] = {}  # kept alive with the models
         for name in spec.denoisers:
-            # Streamed ranks load one after the other: each holds a private copy of the weights only until its
-            # blocks point into the shared buffers, so host RAM peaks at one shared + one private copy.
-            for turn in range(spec.world_size if spec.placement == "stream" else 1):
-                if spec.placement != "stream" or turn == rank:
+            streamed = spec.placement == "stream"
+            # Streamed ranks load one after the other (rank 0 fills the shared block buffers, the others map
+            # them): each holds a private copy of the weights only until its blocks point into the shared
+            # buffers, so host RAM peaks at one shared + one private copy instead of N.
+            for turn in range(spec.world_size if streamed else 1):
+                if not streamed or turn == rank:
                     model = load_denoiser(spec, name, device)
                     _enable_parallelism(model, spec)
                     _install_cancel_checks(model, flag, device, spec.world_size)
-                if spec.placement == "stream" and turn < spec.world_size - 1:
+                    engines[name] = _place(model, spec, device, rank, name)
+                if streamed and spec.world_size > 1:
                     dist.barrier()
-            engines[name] = _place(model, spec, device, rank, name)
-            if engines[name] is not None:
+            if streamed:
                 _ENGINES.append(engines[name])
+                if rank == 0:
+                    engines[name].unlink()  # every rank has mapped them (the last barrier)
             models[name] = model
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
