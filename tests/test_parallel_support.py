@@ -128,3 +128,24 @@ def test_weight_size_comes_from_the_safetensors_header_and_picks_the_placement(t
     assert choose_placement(30 * gib, [80 * gib, 80 * gib], 4 * gib) == "resident"
     assert choose_placement(30 * gib, [80 * gib, 24 * gib], 4 * gib) == "stream"  # one small GPU: all stream
     assert choose_placement(30 * gib, [], 0) == "stream"
+
+
+def test_workers_that_cannot_load_the_model_give_a_clear_error_and_leave_no_process(tiny_models_root, tmp_path):
+    import shutil
+
+    import psutil
+
+    from vramwise.families import detect_family
+    from vramwise.parallel import ParallelWorkerError, launch_parallel
+
+    folder = tmp_path / "broken-wan"
+    shutil.copytree(tiny_models_root / "tiny-wan21-i2v", folder)
+    weights = next((folder / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated download
+    with pytest.raises(ParallelWorkerError) as e:
+        launch_parallel(folder, detect_family(folder), 2, torch.bfloat16, torch.device("cpu"), device_type="cpu")
+    message = str(e.value)
+    assert "while loading the denoiser" in message and "raised" in message and "exit code" not in message
+    assert "download them again" in message
+    workers = [c for c in psutil.Process().children(recursive=True) if "vramwise.parallel.worker" in " ".join(c.cmdline())]
+    assert workers == []

@@ -265,7 +265,6 @@ class WorkerGroup:
         """Yield (rank, message) from the ranks in ``pending``; raise on a death, run the cancel check."""
         conns = {self._state.conns[r]: r for r in pending if r in self._state.conns}
         while True:
-            self._check_deaths(what)
             if cancel_check is not None:
                 try:
                     cancel_check()
@@ -286,6 +285,8 @@ class WorkerGroup:
             if got:
                 yield from got
                 return
+            # Messages first: a rank that reported an error and then exited is reported by its error.
+            self._check_deaths(what)
 
     def _cancel_and_drain(self, pending: set[int], call_id: int | None) -> None:
         """Set the flag, wait for every rank to stop (or finish) the call, clear the flag."""
@@ -318,10 +319,12 @@ class WorkerGroup:
                 st.flag.clear()
 
     # ----- failures -----
-    def _check_deaths(self, what: str, wait_s: float = 0.0) -> None:
+    def _check_deaths(self, what: str, wait_s: float = 0.0, crashes_only: bool = False) -> None:
+        """Raise ParallelWorkerError for the first rank that exited (``crashes_only``: with a non-zero code)."""
         deadline = time.monotonic() + wait_s
         while True:
-            dead = [(r, proc.poll()) for r, proc in enumerate(self._state.procs) if proc.poll() is not None]
+            dead = [(r, proc.poll()) for r, proc in enumerate(self._state.procs)
+                    if proc.poll() is not None and not (crashes_only and proc.poll() == 0)]
             if dead or time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_s)
@@ -359,12 +362,17 @@ class WorkerGroup:
         log.error("parallel worker rank %d failed %s:\n%s", rank, what, msg["traceback"])
         keep = call_id is not None and self._others_failed_too(others, call_id) and not msg["oom"]
         # A peer that died is the cause, the others' errors (broken collectives) the symptom: report the death.
-        self._check_deaths(what, wait_s=0.0 if keep else self.failure_grace_s)
+        # Ranks that reported an error exit cleanly (code 0) when they fail while starting; only crashes count.
+        self._check_deaths(what, wait_s=0.0 if keep else self.failure_grace_s, crashes_only=True)
         if not keep:
             self._shutdown_locked()
         if msg["oom"]:
             raise torch.OutOfMemoryError(
                 f"Parallel denoiser worker rank {rank} ({device}) ran out of memory {what}: {msg['message']}"
             )
-        raise ParallelWorkerError(rank, device, f"raised {msg['error']}: {msg['message']} {what}", _GENERIC_FIX,
+        fix = _GENERIC_FIX if call_id is not None else (
+            f"check that the denoiser folders ({', '.join(self.spec.denoisers)}) in '{self.spec.folder}' are "
+            "complete (config.json and *.safetensors; copy or download them again), or set gpus to 1."
+        )
+        raise ParallelWorkerError(rank, device, f"raised {msg['error']}: {msg['message']} {what}", fix,
                                   group_stopped=not keep)
