@@ -1,9 +1,9 @@
 """A group of N worker processes that run one denoiser together (context parallelism), owned by the pack.
 
-Why plain subprocesses and not ``torch.multiprocessing`` spawn: spawn re-imports the parent's ``__main__`` in
-every child, and inside ComfyUI that is ``main.py``, which parses the command line (the child's argv makes it
-exit), runs custom nodes' prestartup scripts and sets up CUDA. A fresh ``python -c`` that imports only this
-package avoids all of it. The processes still talk through ``multiprocessing.connection`` (authenticated sockets
+Why plain subprocesses and not ``torch.multiprocessing`` spawn: spawn re-runs the parent's ``__main__`` file in
+every child (as ``__mp_main__``, with the parent's argv), and inside ComfyUI that is ``main.py``: its module-level
+code runs every custom node's prestartup script, sets up paths and logging and imports ComfyUI, in each worker.
+A fresh ``python -c`` that imports only this package avoids all of it. The processes still talk through ``multiprocessing.connection`` (authenticated sockets
 on 127.0.0.1), rendezvous through a TCPStore the parent holds on a port the OS picks (no free-port race), and
 share a memory-mapped cancel flag.
 
