@@ -118,6 +118,23 @@ def test_sampling_through_the_proxy_matches_one_process(parallel, wan):
     assert wan.loaded.pipe.transformer is not parallel.proxies["transformer"]  # restored
 
 
+def test_a_pipeline_loaded_without_its_denoiser_samples_like_one_process(parallel, wan, folder):
+    from vramwise.handles import LoadedPipeline
+    from vramwise.parallel.pipeline import attach, load_without_denoisers
+
+    family = wan.loaded.family
+    pipe = load_without_denoisers(family, folder, torch.bfloat16)
+    assert pipe.transformer is None  # the parent never loaded the denoiser's weights
+    attach(pipe, parallel)
+    assert pipe.transformer is parallel.proxies["transformer"]
+    model = VramwiseModel(LoadedPipeline(pipe=pipe, family=family, options=wan.loaded.options, device=CPU))
+    rec = Recorder()
+    with cancel_checks(model.loaded.denoisers, rec.check_cancel):
+        got = generate(model, _request(steps=2), rec)
+    ref = generate(wan, _request(steps=2))
+    assert torch.allclose(got.samples, ref.samples, atol=ATOL, rtol=0)
+
+
 def test_a_cancel_stops_the_workers_before_a_block_and_they_stay_usable(parallel, single):
     pids = parallel.group.pids
     parallel.group.request_cancel()  # set before the call: every rank stops before block 0
