@@ -8,6 +8,7 @@ from ..vramwise.errors import InputError
 from ..vramwise.handles import VramwiseModel
 from ..vramwise.loader import CACHE, LoadOptions
 from ..vramwise.offload import OffloadMode
+from ..vramwise.offload.stream import apply_compile
 from ..vramwise.precision import WeightDtype
 from ..vramwise.single_file import SingleFileSpec
 from . import comfy_bridge as comfy
@@ -25,7 +26,8 @@ _FOLDERS = {
     "clip_vision": ("clip_vision", (".safetensors",)),
     "vae": ("vae", (".safetensors",)),
 }
-_SHARED_INPUTS = ("offload_mode", "weight_dtype", "text_encoder_on_cpu")
+# In the model loader's order; compile is appended there too (optional), so saved workflows keep their positions.
+_SHARED_INPUTS = ("offload_mode", "weight_dtype", "text_encoder_on_cpu", "compile")
 
 
 def _options(input_name: str, optional_none: bool = False) -> list[str]:
@@ -55,7 +57,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseCheckpointLoader",
-            display_name="VRAMWise Checkpoint Loader (Wan single files)",
+            display_name="VRAMWise Checkpoint Loader (Wan I2V single files)",
             category=CATEGORY,
             description=(
                 "Assembles a Wan image-to-video model from ComfyUI's single files (diffusion model, UMT5 text "
@@ -105,6 +107,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         text_encoder_on_cpu: bool,
         diffusion_model_2: str = NONE,
         clip_vision: str = NONE,
+        compile: str = "auto",
     ) -> io.NodeOutput:
         spec = SingleFileSpec.create(
             diffusion_model=_resolve("diffusion_model", diffusion_model),
@@ -122,5 +125,8 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
-        text = "\n".join(loaded.notes + (["(reused the loaded model)"] if reused else []))
+        loaded.compile_choice = compile  # re-applied when the planner re-places the model
+        compile_note = apply_compile(loaded.pipe, compile)
+        text = "\n".join(loaded.notes + ([compile_note] if compile_note else [])
+                         + (["(reused the loaded model)"] if reused else []))
         return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))
