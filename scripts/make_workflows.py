@@ -232,8 +232,50 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
     }
 
 
+PICTURES = REPO / "assets" / "input"
+
+
+def write_template_pictures(folder: Path = PICTURES) -> list[Path]:
+    """The start and end pictures the templates load (shipped in assets/input/, copied into ComfyUI's input
+    folder at pack start): 832x480 like Wan's default size, a striped floor and a yellow ball that moves from
+    the left (start) to the right (end), so the prompts in the templates describe them."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = 480, 832
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    written = []
+    for name, cx in ((START_IMAGE, 260), (END_IMAGE, 572)):
+        img = np.stack([0.25 + 0.5 * x / w, 0.3 + 0.4 * y / h, 0.55 + 0.35 * np.sin(x / 26.0)], axis=-1)
+        img[: h // 2] = [0.55, 0.75, 0.95]  # sky above the floor
+        ball = (x - cx) ** 2 + (y - 300) ** 2 < 70**2
+        img[ball] = [1.0, 0.85, 0.1]
+        path = folder / name
+        Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).save(path, optimize=True)
+        written.append(path)
+    return written
+
+
+def write_icon(path: Path = REPO / "assets" / "icon.png") -> Path:
+    """The registry icon (pyproject [tool.comfy] Icon): the templates' ball on its striped floor, 256x256."""
+    import numpy as np
+    from PIL import Image
+
+    n = 256
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    img = np.stack([0.25 + 0.5 * x / n, 0.3 + 0.4 * y / n, 0.55 + 0.35 * np.sin(x / 12.0)], axis=-1)
+    img[: n // 2] = [0.55, 0.75, 0.95]
+    img[(x - 128) ** 2 + (y - 150) ** 2 < 64**2] = [1.0, 0.85, 0.1]
+    Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).save(path, optimize=True)
+    return path
+
+
 def main() -> int:
     from comfy_harness import ComfyServer
+
+    for path in [*write_template_pictures(), write_icon()]:
+        print(path)
 
     with ComfyServer() as server:
         object_info = server.object_info()
