@@ -22,7 +22,8 @@ _MODEL_EXT = (".safetensors", ".gguf")
 _FOLDERS = {
     "diffusion_model": ("diffusion_models", _MODEL_EXT),
     "diffusion_model_2": ("diffusion_models", _MODEL_EXT),
-    "text_encoder": ("text_encoders", (".safetensors",)),
+    # .gguf listed so a GGUF UMT5 a user put there is explained (refused with what to pick) rather than missing.
+    "text_encoder": ("text_encoders", (".safetensors", ".gguf")),
     "clip_vision": ("clip_vision", (".safetensors",)),
     "vae": ("vae", (".safetensors",)),
 }
@@ -78,7 +79,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
                     default=NONE,
                     tooltip="Wan2.2 I2V-A14B only: the low-noise expert. none for every other model.",
                 ),
-                io.Combo.Input("text_encoder", options=_options("text_encoder"), tooltip="umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders)."),
+                io.Combo.Input("text_encoder", options=_options("text_encoder"), tooltip="umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders). GGUF text encoders are refused."),
                 io.Combo.Input(
                     "clip_vision",
                     options=_options("clip_vision", optional_none=True),
