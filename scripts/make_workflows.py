@@ -44,12 +44,15 @@ def build(nodes: list[Node], object_info: dict[str, Any], note: str = "") -> dic
         info = object_info[node.type]
         specs = _input_specs(info)
         inputs = []
-        for name, kind, opts in specs:
+        # The frontend (1.32) numbers a node's input slots sockets first, then one slot per widget, each group in
+        # schema order; a linked widget's link must name that slot, or the frontend renumbers it on load.
+        frontend_slots = [n for n, k, o in specs if not _is_widget(k, o)] + [n for n, k, o in specs if _is_widget(k, o)]
+        for name, kind, opts in sorted(specs, key=lambda spec: frontend_slots.index(spec[0])):
             if name in node.links:
                 src, slot = node.links[name]
                 link_id = len(links) + 1
                 src_type = object_info[next(n.type for n in nodes if n.id == src)]["output"][slot]
-                links.append([link_id, src, slot, node.id, len(inputs), src_type])
+                links.append([link_id, src, slot, node.id, frontend_slots.index(name), src_type])
                 outputs.setdefault((src, slot), []).append(link_id)
                 entry = {"name": name, "type": src_type, "link": link_id}
                 if _is_widget(kind, opts):
