@@ -7,7 +7,6 @@ from pathlib import Path
 from ..vramwise.handles import VramwiseModel
 from ..vramwise.loader import CACHE, LoadOptions
 from ..vramwise.offload import OffloadMode
-from ..vramwise.offload.stream import apply_compile
 from ..vramwise.precision import WeightDtype
 from ..vramwise.single_file import SingleFileSpec
 from . import comfy_bridge as comfy
@@ -122,8 +121,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
-        loaded.compile_choice = compile  # re-applied when the planner re-places the model
-        compile_note = apply_compile(loaded.pipe, compile)
+        compile_note = loaded.placement.set_compile(compile)  # kept there: re-applied when the model reloads
         text = "\n".join(loaded.notes + ([compile_note] if compile_note else [])
                          + (["(reused the loaded model)"] if reused else []))
         return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))
