@@ -94,6 +94,8 @@ def test_auto_load_picks_fp8_storage_when_only_it_fits_the_host_budget(tiny_mode
     squeezed = _tiny_loaded(tiny_models_root, budget_gb=(bf16 + fp8) / 2 / GiB)
     assert squeezed.placement.plan.plan == planner.Plan("stream", fp8=True)
     assert "host RAM" in squeezed.placement.describe()
+    budget = (bf16 + fp8) / 2 / GiB
+    assert f"GiB pinned) of a {budget:.1f} GiB budget" in "\n".join(squeezed.notes)  # what the loader shows
     with pytest.raises(InputError, match="host_ram_budget_gb.*fp8 storage.*Fix: .*smaller model"):
         _tiny_loaded(tiny_models_root, budget_gb=fp8 / 4 / GiB)
 
@@ -101,5 +103,7 @@ def test_auto_load_picks_fp8_storage_when_only_it_fits_the_host_budget(tiny_mode
 def test_stream_never_pins_more_than_the_host_budget(tiny_models_root):
     loaded = _tiny_loaded(tiny_models_root, mode="stream")
     pinned = sum(e.block_bytes for e in loaded.placement.stream_engines)
+    roomy = _tiny_loaded(tiny_models_root, mode="stream", budget_gb=1.0)
+    assert "at most" in "\n".join(roomy.notes) and all(e.pinned_cap_bytes < GiB for e in roomy.placement.stream_engines)
     with pytest.raises(InputError, match="offload_mode.*pinned host memory"):
         _tiny_loaded(tiny_models_root, mode="stream", budget_gb=pinned / 2 / GiB)

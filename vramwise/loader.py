@@ -83,10 +83,15 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
         planner.components_of(pipe, family.denoiser_names)))
     if mode is OffloadMode.AUTO:
         mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host)
+    if placement.plan is not None:
+        auto_notes.append(f"host RAM: the plan holds ~{placement.plan.host_bytes / 2**30:.1f} GiB "
+                          f"({placement.plan.pinned_bytes / 2**30:.1f} GiB pinned) of a {host / 2**30:.1f} GiB budget")
     if mode is OffloadMode.STREAM and options.host_ram_budget_gb:
         # Never pin more than the budget leaves after the components that are not streamed.
         others = sum(planner.components_of(pipe, family.denoiser_names).others.values())
-        settings = dataclasses.replace(settings or STREAM_SETTINGS, pinned_cap_bytes=max(0, host - others))
+        cap = max(0, host - others)
+        settings = dataclasses.replace(settings or STREAM_SETTINGS, pinned_cap_bytes=cap)
+        auto_notes.append(f"host RAM: at most {cap / 2**30:.1f} GiB pinned (host_ram_budget_gb {host / 2**30:.1f})")
     offload_notes = apply_offload(pipe, mode, placement, family.denoiser_names, keep_on_cpu, settings)
     placement.notes = notes + auto_notes + offload_notes
     trim_host_heap()  # what loading and repacking freed goes back to the OS now, not after the first run

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..device import host_available_bytes, is_oom
+from ..device import is_oom
 from ..families.base import GenerationRequest
 from ..handles import VramwiseLatent, VramwiseModel
 from ..loader import CACHE, PipelineCache
@@ -127,7 +127,9 @@ def generate_with_plan(
                 shape = dataclasses.replace(shape, token_merge=False)
                 est = planner.estimate(est.plan, comp, shape, compiled)
             if est.vram_peak > budget:
-                better = planner.choose(comp, shape, budget, host_available_bytes(), planner.PLANS.index(est.plan))
+                # The model is loaded already: MemAvailable no longer counts what it holds (planner.host_budget).
+                host = planner.host_budget(loaded.options.host_ram_budget_gb, held=planner.comp_bytes(comp))
+                better = planner.choose(comp, shape, budget, host, planner.PLANS.index(est.plan))
                 if better.plan != est.plan:
                     report.append(f"plan '{est.plan.describe()}' would need ~{est.vram_peak / 2**30:.1f} GiB "
                                   f"(budget {budget / 2**30:.1f} GiB): switched to '{better.plan.describe()}'")
