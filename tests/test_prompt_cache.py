@@ -185,3 +185,19 @@ def test_a_single_file_text_encoder_is_released_and_reloads_from_its_file(tiny_m
     ENCODER_WEIGHTS.restore(encoder)
     for k, v in encoder.state_dict().items():
         assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k
+
+
+def test_an_encoder_whose_checkpoint_names_differ_is_released_and_reloaded_through_from_pretrained(tiny_models_root):
+    # transformers 5 renames Qwen2-VL's checkpoint keys (model.* -> model.language_model.*) while loading.
+    from vramwise.prompt_cache import encode_prompts
+
+    model = load_tiny(tiny_models_root / "tiny-easyanimate-v51-inp")
+    loaded, encoder = model.loaded, model.loaded.pipe.text_encoder
+    original = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with torch.no_grad():
+        direct = model.family._encode(loaded, ["a red kite"])[0]
+    first = encode_prompts(loaded, "a red kite", "", False, 256, lambda: model.family._encode(loaded, ["a red kite"]))
+    assert ENCODER_WEIGHTS.is_released(encoder) and torch.equal(first[0], direct)
+    ENCODER_WEIGHTS.restore(encoder)
+    for k, v in encoder.state_dict().items():
+        assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k

@@ -73,6 +73,26 @@ def folder_source(component_folder: Path, load_dtype: torch.dtype | None = None)
     return safetensors_source(folder.glob("*.safetensors"), load_dtype) if folder.is_dir() else None
 
 
+def pretrained_source(module: torch.nn.Module, folder: Path, load_dtype: torch.dtype) -> WeightSource:
+    """A source that re-reads a transformers model with its own ``from_pretrained``.
+
+    For models whose checkpoint names differ from their parameter names (transformers 5 renames and converts
+    weights while loading, e.g. Qwen2-VL's ``model.*`` -> ``model.language_model.*``): a temporary model is loaded
+    (its tensors alias the memory-mapped files) and its tensors are handed over by name, so only one copy exists.
+    """
+    cls, folder = type(module), Path(folder)
+    names = frozenset(n for n, _ in module.named_parameters(remove_duplicate=False))
+
+    def read(wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        fresh = cls.from_pretrained(folder, dtype=load_dtype)
+        params = dict(fresh.named_parameters(remove_duplicate=False))
+        del fresh
+        for n in wanted:
+            yield n, params.pop(n).data
+
+    return WeightSource(names, read, f"{folder.name} (from_pretrained)", load_dtype)
+
+
 @dataclass
 class _Released:
     source: WeightSource
@@ -197,4 +217,5 @@ def _names_by_param(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, l
 
 ENCODER_WEIGHTS = EncoderWeights()
 
-__all__ = ["WeightSource", "EncoderWeights", "ENCODER_WEIGHTS", "safetensors_source", "folder_source"]
+__all__ = ["WeightSource", "EncoderWeights", "ENCODER_WEIGHTS", "safetensors_source", "folder_source",
+           "pretrained_source"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .encoder_weights import ENCODER_WEIGHTS, EncoderWeights, folder_source
+from .encoder_weights import ENCODER_WEIGHTS, EncoderWeights, folder_source, pretrained_source
 
 if TYPE_CHECKING:
     from .handles import LoadedPipeline
@@ -131,12 +131,18 @@ def encoder_identity(loaded: "LoadedPipeline") -> tuple:
     return (loaded.family.id, options.weight_dtype.value) + files
 
 
-def _source_for(loaded: "LoadedPipeline", name: str):
+def _source_for(loaded: "LoadedPipeline", name: str, module: torch.nn.Module):
     options = loaded.options
+    dtype = options.weight_dtype.compute_dtype
     if options.source is not None:  # e.g. single_file.SingleFileSpec
         source_of = getattr(options.source, "weight_source", None)
-        return source_of(name, options.weight_dtype.compute_dtype) if source_of is not None else None
-    return folder_source(Path(options.folder) / name, options.weight_dtype.compute_dtype)
+        return source_of(name, dtype) if source_of is not None else None
+    folder = Path(options.folder) / name
+    source = folder_source(folder, dtype)
+    covered = source is not None and all(n in source.names for n, _ in module.named_parameters())
+    if not covered and callable(getattr(type(module), "from_pretrained", None)) and folder.is_dir():
+        return pretrained_source(module, folder, dtype)  # checkpoint names differ: let transformers map them
+    return source
 
 
 def _encoders(loaded: "LoadedPipeline") -> list[torch.nn.Module]:
@@ -175,7 +181,7 @@ def encode_prompts(
         if cache.config.release_encoders:
             for name, module in zip(loaded.family.text_encoder_names, encoders):
                 if not weights.knows(module):
-                    weights.register(module, _source_for(loaded, name))
+                    weights.register(module, _source_for(loaded, name, module))
                 freed = weights.release(module)
                 if freed:
                     log.info("released %s (%.2f GiB) until the prompt changes", name, freed / 2**30)
