@@ -77,9 +77,10 @@ def test_compile_input_is_appended_with_the_model_loaders_options(comfy_server):
     info = comfy_server.object_info()
     names = widget_names(info["VRAMWiseCheckpointLoader"])
     # Appended after every earlier widget, so workflows saved before it keep their values in place.
-    assert names[-2:] == ["text_encoder_on_cpu", "compile"]
-    ours = info["VRAMWiseCheckpointLoader"]["input"]["optional"]["compile"]
-    assert ours == info["VRAMWiseModelLoader"]["input"]["optional"]["compile"]
+    assert names[-3:] == ["text_encoder_on_cpu", "compile", "host_ram_budget_gb"]
+    for name in ("compile", "host_ram_budget_gb"):
+        ours = info["VRAMWiseCheckpointLoader"]["input"]["optional"][name]
+        assert ours == info["VRAMWiseModelLoader"]["input"]["optional"][name]
 
 
 def test_compile_choice_reaches_the_stream_engine(comfy_server):
@@ -126,3 +127,14 @@ def test_a_file_symlinked_into_the_models_folder_from_elsewhere_runs(comfy_serve
         assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
     finally:
         link.unlink()
+
+
+def test_a_host_ram_budget_too_small_is_refused_naming_what_would_fit(comfy_server):
+    graph = _prompt()
+    graph["2"]["inputs"].update(offload_mode="auto", host_ram_budget_gb=0.000001)
+    entry = comfy_server.run(graph)
+    error = (execution_error(entry) or {}).get("exception_message", "")
+    assert "host_ram_budget_gb" in error and "fp8 storage" in error and "smaller model" in error, error
+    graph["2"]["inputs"].update(host_ram_budget_gb=0.0)
+    entry = comfy_server.run(graph)  # the server stays up and the next prompt works
+    assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
