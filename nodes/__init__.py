@@ -6,6 +6,7 @@ from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
+from .step_cache import VRAMWiseStepCache
 from .token_merge import VRAMWiseTokenMerge
 from .unload import VRAMWiseUnloadModels
 from .vae_decode import VRAMWiseVAEDecode
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     VRAMWiseVideoWriter,
     VRAMWiseUnloadModels,
     VRAMWiseCheckpointLoader,
+    VRAMWiseStepCache,
 ]
 
 

@@ -6,7 +6,7 @@ import torch
 
 from ..vramwise.families import FAMILY_CLASSES
 from ..vramwise.families.base import GenerationRequest
-from ..vramwise.handles import VramwiseModel
+from ..vramwise.handles import VramwiseModel, patch_note
 from ..vramwise.image_prep import ResizeMode, first_frame, fit_image
 from ..vramwise.loader import CACHE
 from ..vramwise.memory.planned_run import generate_with_plan
@@ -135,7 +135,7 @@ class VRAMWiseSampler(io.ComfyNode):
         info = "\n".join(
             [f"{family.label}: {width}x{height}, {num_frames} frames, {steps} steps, cfg {cfg:g}, seed {seed}",
              f"device: {comfy.environment_name()}"]
-            + plan_notes + model.loaded.notes + [p.name for p in model.patches] + notes
+            + plan_notes + model.loaded.notes + [patch_note(p) for p in model.patches] + notes
         )
         return io.NodeOutput(latent, info, ui=comfy.ui.PreviewText(info))
 
