@@ -147,6 +147,17 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
                       model_from=7),
             "Wan2.1 I2V 14B 480P with token merging. Bypass the Token Merge node (Ctrl+B) to compare with the unmerged video.",
         ),
+        "wan21_i2v_step_cache": (
+            i2v_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v_step_cache",
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                               "num_frames": 81, "steps": 40, "cfg": 5.0, "seed": 42, "shift": 3.0},
+                      extra=[Node(7, "VRAMWiseStepCache", {"method": "easycache"}, {"model": (2, 0)},
+                                  pos=(0, 640), size=(380, 240))],
+                      model_from=7),
+            "Wan2.1 I2V 14B 480P with the step cache (EasyCache rule, ComfyUI's defaults). The sampler's info says how "
+            "many steps were computed and skipped. Try method teacache or magcache (published Wan2.1 calibrations); "
+            "bypass the Step Cache node (Ctrl+B) to compare with the uncached video.",
+        ),
         "wan21_i2v_480p": (
             i2v_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v",
                       sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,

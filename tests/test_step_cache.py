@@ -245,6 +245,28 @@ def test_composes_with_token_merge(wan_stream):
     assert torch.equal(_run(wan_stream, req), plain)
 
 
+@pytest.mark.parametrize(
+    "mode,method,expected",
+    [(OffloadMode.MODEL, "fixed", (3, 3)), (OffloadMode.GROUP, "teacache", (4, 2)),
+     (OffloadMode.SEQUENTIAL, "teacache", (4, 2)), (OffloadMode.STREAM, "teacache", (4, 2)),
+     (OffloadMode.GROUP, "easycache", None)],
+)
+def test_composes_with_every_offload_mode(tiny_models_root, mode, method, expected):
+    """The wrapper sits outside accelerate's / diffusers' offload hooks; TeaCache's time embedding is computed
+    wherever those hooks keep the time embedder (teacache always computes the first and the last step)."""
+    model = load_tiny(tiny_models_root / WAN, mode)
+    before = _forwards(model)
+    patch = StepCachePatch(method=method, threshold=10.0, start_percent=0.0, end_percent=1.0,
+                           max_consecutive_skips=1)
+    out = _run(model.with_patch(patch), tiny_wan_request(steps=6))
+    assert torch.isfinite(out).all()
+    if expected is not None:
+        assert patch.last_counts == {"transformer": expected}
+    else:
+        assert sum(patch.last_counts["transformer"]) == 6
+    assert _forwards(model) == before
+
+
 # ----------------------------------------------------------------------------------------------- cancel and OOM
 def test_cancel_checks_every_call_including_skipped_ones_and_leaves_nothing(wan):
     req = tiny_wan_request(steps=6)
