@@ -23,8 +23,9 @@ TEACACHE_COEFFICIENTS = {
     "480P": (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00, -2.01973289e-01),
     "720P": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
 }
-# Thresholds users pick (slow / medium / fast), as listed with these coefficients in Wan2GP (deepbeepmeep/Wan2GP,
-# wgp.py) and the TeaCache4Wan2.1 README; the middle one is the default here.
+# Thresholds users pick (slow / medium / fast), as listed next to these coefficients in Wan2GP's gradio server
+# (deepbeepmeep's mmgp-based Wan app: 480p [0.13, 0.19, 0.26], 720p [0.18, 0.2, 0.3]); the middle one is the
+# default here. (The official script's own default, 0.2, is documented there for T2V: "0.1 for 2.0x, 0.2 for 3.0x".)
 TEACACHE_THRESHOLDS = {"480P": (0.13, 0.19, 0.26), "720P": (0.18, 0.2, 0.3)}
 TEACACHE_THRESHOLD = {"480P": 0.19, "720P": 0.2}
 
