@@ -161,12 +161,15 @@ def main() -> int:
     try:
         # Warm-up: compiles the blocks and lets the engine measure its prefetch depth (takes effect next run).
         warm, _, _ = sample(model, batcher, data, 2, device, cache=False)
-        log(f"warm-up steps: {', '.join(f'{s:.3f}' for s in warm)} s")
+        log(f"warm-up steps: {', '.join(f'{s:.3f}' for s in warm)} s; prefetch depth {engine.depth}")
+        # The sampler releases the engine after every run; the next run activates it with the measured depth.
+        engine.release()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         plain_times, _, plain_x = sample(model, batcher, data, args.steps, device, cache=False)
         peak_plain = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         log("uncached step s: " + " ".join(f"{s:.3f}" for s in plain_times))
+        engine.release()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cached_times, computed, cached_x = sample(model, batcher, data, args.steps, device, cache=True)

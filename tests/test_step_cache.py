@@ -246,15 +246,15 @@ def test_composes_with_token_merge(wan_stream):
 
 
 @pytest.mark.parametrize(
-    "mode,method,expected",
-    [(OffloadMode.MODEL, "fixed", (3, 3)), (OffloadMode.GROUP, "teacache", (4, 2)),
-     (OffloadMode.SEQUENTIAL, "teacache", (4, 2)), (OffloadMode.STREAM, "teacache", (4, 2)),
-     (OffloadMode.GROUP, "easycache", None)],
+    "mode,dtype,method,expected",
+    [(OffloadMode.MODEL, "bf16", "fixed", (3, 3)), (OffloadMode.GROUP, "bf16", "teacache", (4, 2)),
+     (OffloadMode.SEQUENTIAL, "bf16", "teacache", (4, 2)), (OffloadMode.STREAM, "bf16", "teacache", (4, 2)),
+     (OffloadMode.STREAM, "fp8_e4m3fn", "teacache", (4, 2)), (OffloadMode.GROUP, "bf16", "easycache", None)],
 )
-def test_composes_with_every_offload_mode(tiny_models_root, mode, method, expected):
+def test_composes_with_every_offload_mode(tiny_models_root, mode, dtype, method, expected):
     """The wrapper sits outside accelerate's / diffusers' offload hooks; TeaCache's time embedding is computed
     wherever those hooks keep the time embedder (teacache always computes the first and the last step)."""
-    model = load_tiny(tiny_models_root / WAN, mode)
+    model = load_tiny(tiny_models_root / WAN, mode, dtype)
     before = _forwards(model)
     patch = StepCachePatch(method=method, threshold=10.0, start_percent=0.0, end_percent=1.0,
                            max_consecutive_skips=1)
@@ -409,3 +409,15 @@ def test_easyanimate_runs_with_its_own_batch_two_cfg(tiny_models_root):
     assert patch.last_counts == {"transformer": (2, 2)}
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
     assert torch.equal(_run(model.with_patch(StepCachePatch(threshold=0)), req), plain)
+
+
+@pytest.mark.parametrize("folder", ["tiny-wan21-flf2v", "tiny-wan22-ti2v-5b"])
+def test_other_wan_variants_run_a_fixed_schedule(tiny_models_root, folder):
+    """FLF2V (an end frame) and TI2V-5B (per-token timesteps, 48 latent channels in and out)."""
+    model = load_tiny(tiny_models_root / folder)
+    patch = _fixed()
+    req = tiny_wan_request(steps=4)
+    if model.family.supports_end_image:
+        req = tiny_wan_request(steps=4, end_image=req.image)
+    out = _run(model.with_patch(patch), req)
+    assert patch.last_counts == {"transformer": (2, 2)} and torch.isfinite(out).all()
