@@ -15,6 +15,10 @@ CFG batching the cond call computes both branches and the batcher serves the unc
 calls still pass through here, so both results are remembered. A pipeline that batches CFG itself (EasyAnimate)
 makes one batch-2 call, cached as one.
 
+What is reused: the residual of the whole forward (output minus the latent channels of the input), as ComfyUI's
+EasyCache does. The official TeaCache / MagCache code reuses the residual of the block stack and still runs the
+embedders and the output head; here only their decision rules are taken, so a skipped step runs nothing at all.
+
 Wan2.2 A14B: one state per expert; when the step's denoiser changes, both are replaced by fresh states, so the
 first step of the new expert is computed and nothing of the other expert is reused.
 """
