@@ -81,7 +81,7 @@ class StepLog(Recorder):
 
 def _engines(model) -> list:
     placement = getattr(model.loaded, "placement", None)
-    engines = getattr(placement, "engines", None) or getattr(model.loaded.pipe, "_vramwise_stream", None)
+    engines = getattr(placement, "stream_engines", None) or getattr(model.loaded.pipe, "_vramwise_stream", None)
     return list(engines or [])
 
 
