@@ -421,3 +421,18 @@ def test_other_wan_variants_run_a_fixed_schedule(tiny_models_root, folder):
         req = tiny_wan_request(steps=4, end_image=req.image)
     out = _run(model.with_patch(patch), req)
     assert patch.last_counts == {"transformer": (2, 2)} and torch.isfinite(out).all()
+
+
+def test_calibration_follows_the_model_name_then_the_run_size():
+    from types import SimpleNamespace
+
+    from vramwise.step_cache.patch import wan21_variant
+
+    def model(folder):
+        return SimpleNamespace(loaded=SimpleNamespace(options=SimpleNamespace(folder=folder)))
+
+    small, large = SimpleNamespace(width=832, height=480), SimpleNamespace(width=1280, height=720)
+    assert wan21_variant(model("models/Wan2.1-I2V-14B-720P-Diffusers"), small)[0] == "720P"
+    assert wan21_variant(model("wan2.1_i2v_480p_14B_bf16.safetensors"), large)[0] == "480P"
+    assert wan21_variant(model("my-wan"), large) == ("720P", "from the run size (the model name says neither 480P nor 720P)")
+    assert wan21_variant(model("my-wan"), small)[0] == "480P"
