@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vramwise.offload.cfg_batching import CfgBatcher  # noqa: E402
-from vramwise.offload.stream import StreamOffload, compile_available  # noqa: E402
+from vramwise.offload.compile import compile_available  # noqa: E402
+from vramwise.offload.stream import StreamOffload, StreamSettings  # noqa: E402
 from vramwise.step_cache import CacheRun  # noqa: E402
 from vramwise.step_cache.fixed import FixedRule  # noqa: E402
 
@@ -153,7 +154,8 @@ def main() -> int:
     model = build(config, build_device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    engine = StreamOffload(model, device, compile_blocks=compiled)
+    # The product's settings (lean chunked forward, measured prefetch depth), compile as chosen.
+    engine = StreamOffload(model, device, StreamSettings(compile_blocks=compiled))
     batcher = CfgBatcher(model)
     log(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params in {time.time() - t0:.0f}s; "
         f"{engine.describe()}; compile {compiled}")

@@ -7,7 +7,6 @@ from ..vramwise.handles import VramwiseModel
 from ..vramwise.loader import CACHE, LoadOptions
 from ..vramwise.model_folders import list_model_folders, resolve_model_folder
 from ..vramwise.offload import DESCRIPTIONS, OffloadMode
-from ..vramwise.offload.stream import apply_compile
 from ..vramwise.precision import WeightDtype
 from . import comfy_bridge as comfy
 from .comfy_bridge import io
@@ -28,10 +27,10 @@ class VRAMWiseModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseModelLoader",
-            display_name="VRAMWise Model Loader",
+            display_name="VRAMWise Model Loader (Wan / EasyAnimate / I2VGen-XL image to video)",
             category=CATEGORY,
             description=(
-                "Loads an image-to-video model from a diffusers folder under models/diffusers and places it on "
+                "Loads an image-to-video (I2V) model - Wan2.1/Wan2.2 I2V, TI2V-5B, EasyAnimate V5.1 InP, I2VGen-XL - from a diffusers folder under models/diffusers and places it on "
                 "the GPU according to the offload mode. The same settings reuse the loaded model between runs."
             ),
             inputs=[
@@ -96,8 +95,7 @@ class VRAMWiseModelLoader(io.ComfyNode):
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
-        loaded.compile_choice = compile  # re-applied when the planner re-places the model
-        compile_note = apply_compile(loaded.pipe, compile)
+        compile_note = loaded.placement.set_compile(compile)  # kept there: re-applied when the model reloads
         text = "\n".join(loaded.notes + ([compile_note] if compile_note else [])
                          + (["(reused the loaded model)"] if reused else []))
         return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))

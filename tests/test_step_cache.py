@@ -80,9 +80,7 @@ class StepLog(Recorder):
 
 
 def _engines(model) -> list:
-    placement = getattr(model.loaded, "placement", None)
-    engines = getattr(placement, "stream_engines", None) or getattr(model.loaded.pipe, "_vramwise_stream", None)
-    return list(engines or [])
+    return list(model.loaded.placement.stream_engines)
 
 
 def _run(model, req, observer=None):
@@ -214,11 +212,10 @@ def test_stream_a_skipped_step_loads_no_block_and_cfg_batching_serves_both_branc
     req = tiny_wan_request(steps=6)
     plain = _run(wan_stream, req)
     log = StepLog(wan_stream)
-    batchers = getattr(getattr(wan_stream.loaded, "placement", None), "cfg_batchers", None) \
-        or getattr(wan_stream.loaded.pipe, "_vramwise_cfg_batchers", ())
-    batcher = batchers[0] if batchers else None
+    batcher = wan_stream.loaded.placement.cfg_batchers[0]
     try:
-        cached = _run(wan_stream.with_patch(_fixed()), req, log)
+        patch = _fixed()
+        cached = _run(wan_stream.with_patch(patch), req, log)
     finally:
         log.close()
     assert log.computed_steps() == [0, 2, 4]
@@ -229,8 +226,8 @@ def test_stream_a_skipped_step_loads_no_block_and_cfg_batching_serves_both_branc
     n_blocks = len(wan_stream.loaded.pipe.transformer.blocks)
     assert all(log.block_runs[s] == n_blocks for s in (0, 2, 4)), log.block_runs
     assert not torch.equal(cached, plain) and torch.isfinite(cached).all()
-    if batcher is not None:
-        assert batcher.stats["served"] > 0
+    assert wan_stream.loaded.placement.cfg_batched and batcher.stats["served"] > 0
+    assert "CFG batched" in patch_note(patch)
 
 
 def test_composes_with_token_merge(wan_stream):

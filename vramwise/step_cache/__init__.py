@@ -7,8 +7,7 @@
   coordinator; ``patch``: ``StepCachePatch``, the ModelPatch the node adds.
 """
 
-from .patch import CALIBRATED_FAMILIES, MAX_CONSECUTIVE_SKIPS, METHODS, TRANSFORMERS, StepCachePatch
+from .patch import CALIBRATED_FAMILIES, MAX_CONSECUTIVE_SKIPS, METHODS, StepCachePatch
 from .wrapper import CacheRun, in_window
 
-__all__ = ["CALIBRATED_FAMILIES", "CacheRun", "MAX_CONSECUTIVE_SKIPS", "METHODS", "StepCachePatch", "TRANSFORMERS",
-           "in_window"]
+__all__ = ["CALIBRATED_FAMILIES", "CacheRun", "MAX_CONSECUTIVE_SKIPS", "METHODS", "StepCachePatch", "in_window"]

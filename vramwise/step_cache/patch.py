@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..architectures import architecture_of
 from ..errors import InputError
 from .easycache import EasyCacheRule
 from .fixed import FixedRule
@@ -30,10 +31,10 @@ if TYPE_CHECKING:
 
 METHODS = ("easycache", "teacache", "magcache", "fixed")
 CALIBRATED = ("teacache", "magcache")
-# Denoisers the whole-step cache knows (their output lines up with the latent part of their input).
-# I2VGen-XL's UNet predicts noise (epsilon, DDIM) instead of a flow velocity: none of these rules was published
-# for it, so it is refused rather than guessed.
-TRANSFORMERS = ("WanTransformer3DModel", "EasyAnimateTransformer3DModel")
+# Denoisers the whole-step cache works on: the described transformer architectures (``vramwise.architectures``:
+# Wan, EasyAnimate), flow-matching DiTs whose output lines up with the latent part of their input. I2VGen-XL's UNet
+# predicts noise (epsilon, DDIM) instead of a flow velocity and none of these rules was published for it, so it
+# is refused rather than guessed.
 # Families with published TeaCache / MagCache calibrations (Wan2.1 I2V 14B, the 480P and the 720P checkpoint).
 CALIBRATED_FAMILIES = ("wan2.1-i2v",)
 MAX_CONSECUTIVE_SKIPS = 16
@@ -125,7 +126,7 @@ class StepCachePatch:
         loaded = model.loaded
         named = [(n, getattr(loaded.pipe, n)) for n in loaded.family.denoiser_names
                  if isinstance(getattr(loaded.pipe, n, None), torch.nn.Module)]
-        unsupported = sorted({type(m).__name__ for _, m in named if type(m).__name__ not in TRANSFORMERS})
+        unsupported = sorted({type(m).__name__ for _, m in named if architecture_of(m) is None})
         if unsupported or not named:
             raise InputError(
                 "model",
@@ -154,6 +155,8 @@ class StepCachePatch:
             setting += f"; {variant} calibration ({why}), threshold {self.threshold_for(variant):g}"
         elif self.method == "easycache":
             setting += f" (threshold {self.threshold_for(None):g})"
+        if loaded.placement.cfg_batched and run.do_cfg:
+            setting += "; CFG batched: one decision and one batch-2 forward per computed step"
 
         def detach() -> None:
             cache_run.detach()
