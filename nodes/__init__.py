@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
+from .lora import VRAMWiseLoraLoader
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
 from .token_merge import VRAMWiseTokenMerge
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     VRAMWiseVideoWriter,
     VRAMWiseUnloadModels,
     VRAMWiseCheckpointLoader,
+    VRAMWiseLoraLoader,
 ]
 
 

@@ -58,8 +58,10 @@ def _linears(transformer: torch.nn.Module, top: bool) -> list[tuple[str, str, to
 
 
 def make_lora(transformer: torch.nn.Module, layout: str, rank: int = 4, seed: int = 0, scale: float = 0.2,
-              dtype: torch.dtype = torch.bfloat16, blocks: list[int] | None = None) -> tuple[dict, dict]:
-    """A random LoRA state dict (and safetensors metadata) for ``transformer`` in ``layout``."""
+              dtype: torch.dtype = torch.bfloat16, blocks: list[int] | None = None,
+              extra_blocks: list[int] = ()) -> tuple[dict, dict]:
+    """A random LoRA state dict (and safetensors metadata) for ``transformer`` in ``layout``; ``blocks`` limits
+    it to some blocks, ``extra_blocks`` adds a self-attention q LoRA on blocks the model does not have."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout}")
     g = torch.Generator().manual_seed(seed)
@@ -94,6 +96,10 @@ def make_lora(transformer: torch.nn.Module, layout: str, rank: int = 4, seed: in
         # bf16 and rounds their merged delta to bf16, so diffusers' own fused reference is then off by bf16 rounding.
         if layout in ("lightx2v", "causvid"):
             sd[f"{base}.diff_b"] = rnd(m.out_features, s=scale / 4)
+    for i in extra_blocks:
+        q = dict((o, m) for o, _, m in _linears(transformer, False))["blocks.0.self_attn.q"]
+        base = f"diffusion_model.blocks.{i}.self_attn.q"
+        sd[f"{base}.lora_down.weight"], sd[f"{base}.lora_up.weight"] = rnd(rank, q.in_features), rnd(q.out_features, rank)
     if layout == "peft":
         # diffusers writes the adapter's LoraConfig under the component's prefix
         targets = sorted({ours for _, ours, _ in _linears(transformer, top)})

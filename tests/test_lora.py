@@ -173,13 +173,8 @@ def test_file_that_is_no_wan_lora_fails_naming_it(model32, tmp_path):
 
 
 def test_partial_lora_runs_and_reports_ignored_keys(model32, base32, tmp_path):
-    sd, meta = tiny_loras.make_lora(model32.loaded.pipe.transformer, "comfy", blocks=[0])
-    sd["diffusion_model.blocks.7.self_attn.q.lora_down.weight"] = torch.zeros(4, 24, dtype=torch.bfloat16)
-    sd["diffusion_model.blocks.7.self_attn.q.lora_up.weight"] = torch.zeros(24, 4, dtype=torch.bfloat16)
-    from safetensors.torch import save_file
-
-    path = tmp_path / "partial.safetensors"
-    save_file(sd, str(path))
+    path = tiny_loras.write_lora(model32.loaded.pipe.transformer, tmp_path / "partial.safetensors", "comfy",
+                                 blocks=[0], extra_blocks=[7])
     patched = lora_model(model32, (path, 1.0))
     out = generate(patched, tiny_wan_request()).samples
     assert not torch.equal(out, base32)

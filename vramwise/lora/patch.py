@@ -66,6 +66,15 @@ def check_match(entry: LoraEntry, denoiser_name: str, m: LoraMatch, model_label:
     )
 
 
+def check_family(family) -> None:
+    """LoRA needs a conversion from the files users have to diffusers' module names; diffusers 0.42 has one for
+    Wan only (none for EasyAnimate or I2VGen-XL)."""
+    if not family.id.startswith("wan"):
+        raise InputError(
+            "model", f"LoRA is not supported for {family.label}: diffusers has no LoRA conversion for it.",
+            "use a Wan model with this LoRA node, or remove the node.")
+
+
 @dataclass(eq=False)
 class LoraPatch:
     """All LoRA entries of a model handle; see the module docstring."""
@@ -84,6 +93,7 @@ class LoraPatch:
 
         Raises InputError for a file that fits nothing."""
         loaded = model.loaded
+        check_family(loaded.family)
         pipe = loaded.pipe
         names = [n for n in loaded.family.denoiser_names if getattr(pipe, n, None) is not None]
         plans: dict[str, dict[torch.nn.Module, list[LoraTerm]]] = {n: {} for n in names}
@@ -105,6 +115,7 @@ class LoraPatch:
 
     def validate(self, model: "VramwiseModel") -> list[str]:
         """Match every entry now (the LoRA node calls this so a wrong file fails at the node); the report lines."""
+        check_family(model.family)
         if model.loaded.pipe is None:
             return []
         return self.plan(model)[1]
