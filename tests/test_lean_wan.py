@@ -130,3 +130,23 @@ def test_token_merge_keeps_the_lean_forward_and_matches_the_merged_stock_forward
     lean.remove()
     handle.detach()
 
+
+
+@torch.no_grad()
+def test_pieces_under_compile_update_their_chunk_in_place(tiny_models_root, monkeypatch):
+    """The pieces write into the chunk they are given (no copy back by the orchestration); traced with
+    fullgraph=True and functionalized (aot_eager), the in-place writes must give the eager result."""
+    import vramwise.memory.lean_wan as lean_mod
+
+    model = _tiny_transformer(tiny_models_root, layers=2)
+    x, t, ctx, neg, img = _inputs(2)
+    xb, tb, cb, ib = torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, neg]), torch.cat([img, img])
+    ref = model(xb, tb, cb, ib, return_dict=False)[0]
+    traced = {k: torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
+              for k, f in lean_mod.PIECES.items()}
+    monkeypatch.setattr(lean_mod, "compiled_pieces", lambda: traced)
+    lean = LeanWan(model, repeated_blocks(model), torch.float32, chunk_rows=16, compiled=True)
+    out = model(xb, tb, cb, ib, return_dict=False)[0]
+    assert lean.stats["lean_blocks"] == 2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    lean.remove()
