@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..errors import InputError
-from .apply import LoraHooksConfig, LoraTerm, apply_lora_hooks
+from .apply import LoraTerm
 from .convert import LoraFile, read_lora
 from .match import LoraMatch, match_lora
+from .placement import apply_for_run
 
 if TYPE_CHECKING:
     from ..handles import RunInfo, VramwiseModel
@@ -123,16 +124,11 @@ class LoraPatch:
     # ---- ModelPatch ----------------------------------------------------------------------------------------------
     def attach(self, model: "VramwiseModel", run: "RunInfo") -> Callable[[], None]:
         plans, lines = self.plan(model)
-        targets = {mod: terms for plan in plans.values() for mod, terms in plan.items()}
-        if not targets:
+        if not any(plans.values()):
             self.report[:] = lines + ["LoRA: every strength is 0, nothing applied"]
             return lambda: None
-        hooks = apply_lora_hooks(LoraHooksConfig(targets))
-        self.report[:] = lines + [f"LoRA applied unfused (x·Aᵀ·Bᵀ added to {len(targets)} layers' outputs)"]
-
-        def detach() -> None:
-            hooks.remove()
-
+        detach, notes = apply_for_run(model.loaded.pipe, plans)
+        self.report[:] = lines + notes
         return detach
 
     def on_step(self, step: int, total: int) -> None:
