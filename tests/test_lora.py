@@ -180,3 +180,54 @@ def test_partial_lora_runs_and_reports_ignored_keys(model32, base32, tmp_path):
     assert not torch.equal(out, base32)
     report = patched.patches[0].describe()
     assert "partial.safetensors" in report and "2 ignored" in report and "1 layers not in this model" in report
+
+
+def _single_file_model(set_paths: dict, diffusion_model: Path, mode: str = "none"):
+    from vramwise.handles import VramwiseModel
+    from vramwise.loader import LoadOptions, load_pipeline
+    from vramwise.offload import OffloadMode
+    from vramwise.precision import WeightDtype
+    from vramwise.single_file import SingleFileSpec
+
+    spec = SingleFileSpec.create(**dict(set_paths, diffusion_model=diffusion_model))
+    options = LoadOptions(diffusion_model, OffloadMode(mode), WeightDtype.BF16, source=spec)
+    return VramwiseModel(load_pipeline(options, torch.device("cpu")))
+
+
+def test_single_file_and_gguf_loaders_take_the_same_lora(wan21, loras, tmp_path):
+    """Both loaders build diffusers modules with the same names, so one LoRA path serves a ComfyUI bf16 file and
+    a Q8_0 GGUF (whose quantized Linear layers keep their weights quantized: the LoRA is added unfused)."""
+    import single_file_helpers as sfh
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    files = sfh.write_wan21_set(wan21, tmp_path / "set")
+    req = tiny_wan_request()
+    folder_model = load_tiny(wan21)
+    want = generate(lora_model(folder_model, (loras["lightx2v"], 1.0)), req).samples
+    effect = (want - generate(folder_model, req).samples).abs().mean()
+    bf16_file = sfh.write_transformer(wan21, tmp_path / "wan_bf16.safetensors", variant="bf16")
+    single = generate(lora_model(_single_file_model(files, bf16_file), (loras["lightx2v"], 1.0)), req).samples
+    # (the single-file set's text/image encoders are written in fp32, so the runs differ by rounding only)
+    assert (single - want).abs().mean() < BF16_REL * effect
+    gguf_file = sfh.write_transformer_gguf(wan21, tmp_path / "wan_q8.gguf", "Q8_0", flatten_5d=True)
+    gguf_model = _single_file_model(files, gguf_file, "group")
+    assert any(isinstance(m, GGUFLinear) for m in gguf_model.loaded.pipe.transformer.modules())
+    patched = lora_model(gguf_model, (loras["lightx2v"], 1.0))
+    got = generate(patched, req).samples
+    # Q8_0 rounds each weight to ~0.4% of its block's largest (test_single_file's tolerance); the LoRA is exact.
+    assert (got - want).abs().mean() < BF16_REL * effect
+    assert "unfused" in patched.patches[0].describe()
+
+
+def test_error_mid_run_leaves_no_hooks_and_stored_weights(wan21, loras):
+    from engine_helpers import Cancelled, Recorder
+
+    model = load_tiny(wan21, "stream")
+    transformer = model.loaded.pipe.transformer
+    proj = transformer.proj_out.weight.detach().clone()
+    ptr = transformer.proj_out.weight.data_ptr()
+    with pytest.raises(Cancelled):
+        generate(lora_model(model, (loras["lightx2v"], 1.0)), tiny_wan_request(steps=3), Recorder(cancel_at=1))
+    assert transformer.proj_out.weight.data_ptr() == ptr and torch.equal(transformer.proj_out.weight, proj)
+    # (the stream engine keeps its own hooks on the blocks and the model; the layers carry none)
+    assert all(not m._forward_hooks for m in transformer.modules() if isinstance(m, torch.nn.Linear))
