@@ -127,7 +127,7 @@ class LoraPatch:
         if not any(plans.values()):
             self.report[:] = lines + ["LoRA: every strength is 0, nothing applied"]
             return lambda: None
-        detach, notes = apply_for_run(model.loaded.pipe, plans)
+        detach, notes = apply_for_run(model.loaded, plans)
         self.report[:] = lines + notes
         return detach
 

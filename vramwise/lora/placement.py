@@ -3,11 +3,19 @@
 - resident / model / group / sequential offload, fp8 layerwise casting, GGUF: unfused forward hooks
   (``apply.apply_lora_hooks``). They compose with every offload hook because they only see a layer's input and
   output, never its stored weight; the cost is one rank-r matmul pair per layer call.
-- ``stream``: the engine's lean forward takes weights straight from its GPU slots (``F.linear``), so hooks inside
-  a block make it fall back to the stock forward (correct, slower, bigger peak), and its tail reads ``proj_out``'s
-  weight directly, so a hook there would never run. Until the engine offers a weight hook, block layers get hooks
-  and ``proj_out`` gets a fused copy for the run (``W + delta`` computed in fp32, one new tensor of its size,
-  put back on detach); the stored tensors are never written.
+- ``stream``: the engine packs the blocks in pinned host buffers and copies them into GPU slots; its lean forward
+  takes weights straight from the slots (``F.linear``), so a hook inside a block would make it fall back to the
+  stock forward (correct, slower, bigger peak). So the LoRA is fused into the slot instead (``SlotFuser``, a
+  ``Placement.weight_patchers`` entry): ``on_block_resident`` runs ``W_slot.addmm_(B, A, alpha=scale)`` once per
+  slot fill (one kernel, fp32 accumulation, rounded once; the slot is refilled from the untouched host buffer next
+  time, so nothing outlives the run), and bias deltas likewise. Weights kept in fp8 in the slot (lean forward,
+  fp8 storage) cannot take a small delta (3 mantissa bits would round it away), so those are fused where the lean
+  forward upcasts them (``transform_weight``, in place on the fresh upcast copy). Slot tensors are inputs of the
+  compiled pieces, and A/B/scale are not seen by them, so a strength change cannot recompile anything.
+  ``proj_out`` (resident, read directly by the lean tail, its bias not in a slot) gets a fused copy for the run
+  (``W + delta`` in fp32, one tensor of its size, put back on detach). Layers outside the blocks that run as
+  modules (the condition embedder's) keep the unfused hooks. Without weight patchers in the placement (an engine
+  without them), block layers fall back to hooks.
 """
 
 from __future__ import annotations
@@ -21,11 +29,74 @@ from .apply import LoraHooksConfig, LoraTerm, apply_lora_hooks, fused_weight
 Targets = dict[torch.nn.Module, list[LoraTerm]]
 
 
-def _stream_engine(pipe: Any, denoiser: torch.nn.Module) -> Any | None:
-    for eng in getattr(pipe, "_vramwise_stream", None) or ():
+def _engines(loaded: Any) -> list[Any]:
+    placement = getattr(loaded, "placement", None)
+    engines = getattr(placement, "stream_engines", None)
+    if engines is None:
+        engines = getattr(loaded.pipe, "_vramwise_stream", None)
+    return list(engines or ())
+
+
+def _stream_engine(loaded: Any, denoiser: torch.nn.Module) -> Any | None:
+    for eng in _engines(loaded):
         if eng.model is denoiser:
             return eng
     return None
+
+
+def _device_copy(cache: dict, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (id(t), device, dtype)
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = t.to(device=device, dtype=dtype, non_blocking=True)
+    return got
+
+
+class SlotFuser:
+    """The stream engine's weight patcher for one run: fuses the LoRA into each block's GPU slot (see above)."""
+
+    def __init__(self, targets: Targets) -> None:
+        self.targets = {id(m): terms for m, terms in targets.items()}
+        self.in_transform: set[int] = set()  # layers whose weight stayed fp8 in the slot: fused at upcast time
+        self._copies: dict = {}
+        self.fills = 0
+
+    def _add(self, weight: torch.Tensor, terms: list[LoraTerm]) -> None:
+        for t in terms:
+            if t.scale != 0.0 and t.layer.down is not None:
+                b = _device_copy(self._copies, t.layer.up, weight.device, weight.dtype)
+                a = _device_copy(self._copies, t.layer.down, weight.device, weight.dtype)
+                weight.addmm_(b, a, alpha=t.scale)
+
+    @torch.no_grad()
+    def on_block_resident(self, block_index: int, block: torch.nn.Module) -> None:
+        self.fills += 1
+        for sub in block.modules():
+            terms = self.targets.get(id(sub))
+            if terms is None:
+                continue
+            w = sub.weight
+            if w.element_size() == 1:
+                self.in_transform.add(id(sub))
+            else:
+                self.in_transform.discard(id(sub))
+                self._add(w.data, terms)
+            if sub.bias is not None:
+                for t in terms:
+                    if t.layer.bias is not None and t.scale != 0.0:
+                        sub.bias.data.add_(_device_copy(self._copies, t.layer.bias, sub.bias.device,
+                                                       sub.bias.dtype), alpha=t.scale)
+
+    @torch.no_grad()
+    def transform_weight(self, module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        if id(module) not in self.in_transform:
+            return weight
+        # ``weight`` is the lean forward's fresh upcast of an fp8 slot weight: ours to edit in place.
+        self._add(weight, self.targets[id(module)])
+        return weight
+
+    def drop(self) -> None:
+        self._copies.clear()
 
 
 def _lean_tail_reads(eng: Any, denoiser: torch.nn.Module) -> set[int]:
@@ -66,19 +137,41 @@ class _FusedCopies:
         self.saved.clear()
 
 
-def apply_for_run(pipe: Any, plans: dict[str, Targets]) -> tuple[Callable[[], None], list[str]]:
+def apply_for_run(loaded: Any, plans: dict[str, Targets]) -> tuple[Callable[[], None], list[str]]:
     """Attach every denoiser's terms the way its placement needs; returns the undo and a note per method."""
+    pipe = loaded.pipe
+    patchers = getattr(getattr(loaded, "placement", None), "weight_patchers", None)
     hooked: Targets = {}
     fused: Targets = {}
+    in_slot: Targets = {}
     for name, targets in plans.items():
         denoiser = getattr(pipe, name, None)
-        eng = _stream_engine(pipe, denoiser) if denoiser is not None else None
+        eng = _stream_engine(loaded, denoiser) if denoiser is not None else None
         tail = _lean_tail_reads(eng, denoiser) if eng is not None else set()
+        blocks = ({id(m) for b in eng.blocks for m in b.modules()}
+                  if eng is not None and patchers is not None else set())
         for module, terms in targets.items():
-            (fused if id(module) in tail else hooked)[module] = terms
+            if id(module) in tail:
+                fused[module] = terms
+            elif id(module) in blocks:
+                in_slot[module] = terms
+            else:
+                hooked[module] = terms
     notes = []
     undo: list[Callable[[], None]] = []
     try:
+        if in_slot:
+            fuser = SlotFuser(in_slot)
+            patchers.append(fuser)
+
+            def unregister(f=fuser) -> None:
+                if f in patchers:
+                    patchers.remove(f)
+                f.drop()
+
+            undo.append(unregister)
+            notes.append(f"LoRA fused into the stream engine's GPU slots on {len(in_slot)} layers "
+                         "(the stored weights are not touched)")
         if hooked:
             hooks = apply_lora_hooks(LoraHooksConfig(hooked))
             undo.append(hooks.remove)
