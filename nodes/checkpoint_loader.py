@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..vramwise.errors import InputError
 from ..vramwise.handles import VramwiseModel
 from ..vramwise.loader import CACHE, LoadOptions
 from ..vramwise.offload import OffloadMode
@@ -43,11 +42,8 @@ def _shared_inputs() -> list:
 def _resolve(input_name: str, value: str | None, optional: bool = False) -> Path | None:
     if optional and (value is None or value == NONE):
         return None
-    folder, _ = _FOLDERS[input_name]
-    path = comfy.file_path(folder, value) if value else None
-    if path is None:
-        raise InputError(input_name, f"'{value}' is not a file in models/{folder}.", f"put the file in models/{folder} and refresh.")
-    return path
+    folder, ext = _FOLDERS[input_name]
+    return comfy.model_file(input_name, folder, value, ext)
 
 
 class VRAMWiseCheckpointLoader(io.ComfyNode):

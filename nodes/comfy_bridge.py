@@ -19,6 +19,8 @@ import torch
 from comfy.cli_args import LatentPreviewMethod, args
 from comfy_api.latest import ComfyExtension, InputImpl, Types, io, ui
 
+from ..vramwise.model_files import list_model_files, resolve_model_file
+
 __all__ = ["ComfyExtension", "InputImpl", "Types", "io", "ui"]
 
 DIFFUSERS_FOLDER = "diffusers"
@@ -119,33 +121,22 @@ def relative_to_output(path: Path) -> tuple[str, str]:
     return "", os.path.basename(path)
 
 
-# --- model files by ComfyUI folder name (VRAMWiseCheckpointLoader) ---
+# --- model files by ComfyUI folder name (VRAMWiseCheckpointLoader, and every other file input) ---
+def folder_roots(folder_name: str) -> list[Path]:
+    """Every path registered for a ComfyUI model folder name (models/<name> plus extra_model_paths.yaml)."""
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder_name)]
+    except KeyError:
+        return []
+
+
 def list_files(folder_name: str, extensions: tuple[str, ...] = (".safetensors",)) -> list[str]:
     """Files under every path registered for ``folder_name`` (relative names, '/'-separated), read fresh each call
     so files added while the server runs show up without a restart."""
-    found: set[str] = set()
-    try:
-        roots = folder_paths.get_folder_paths(folder_name)
-    except KeyError:
-        return []
-    for root in roots:
-        if not os.path.isdir(root):
-            continue
-        for dirpath, _dirs, files in os.walk(root, followlinks=True):
-            for f in files:
-                if f.lower().endswith(extensions):
-                    found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(found)
+    return list_model_files(folder_roots(folder_name), extensions)
 
 
-def file_path(folder_name: str, name: str) -> Path | None:
-    """Full path of a file listed by ``list_files`` (None if it is gone)."""
-    try:
-        roots = folder_paths.get_folder_paths(folder_name)
-    except KeyError:
-        return None
-    for root in roots:
-        candidate = Path(root) / name
-        if candidate.is_file():
-            return candidate
-    return None
+def model_file(input_name: str, folder_name: str, name: str, extensions: tuple[str, ...] = (".safetensors",)) -> Path:
+    """The path of a file input's value, only if ``list_files(folder_name, extensions)`` lists it; otherwise one
+    fixed InputError naming ``input_name`` (see vramwise/model_files.py). Every file input goes through this."""
+    return resolve_model_file(input_name, name, folder_roots(folder_name), extensions, f"models/{folder_name}")

@@ -134,7 +134,7 @@ class VRAMWiseSampler(io.ComfyNode):
             family, width=width, height=height, num_frames=num_frames, steps=steps, cfg=cfg,
             has_end_image=end_image is not None,
         )
-        mode = ResizeMode(resize_mode)
+        mode = ResizeMode.parse(resize_mode)
         frame, note = first_frame(image, "image")
         notes = [note] if note else []
         end = None

@@ -43,6 +43,6 @@ class VRAMWiseVAEDecode(io.ComfyNode):
     ) -> io.NodeOutput:
         if model.loaded.released:
             CACHE.revive(model.loaded, before_load=comfy.free_comfyui_models)
-        options = TilingOptions(TilingMode(tiling), tile_size, tile_overlap)
-        frames, note = decode_latents(model, latent, options)
+        options = TilingOptions(TilingMode.parse(tiling), tile_size, tile_overlap)
+        frames, note = decode_latents(model, latent, options, check_cancel=comfy.check_interrupt)
         return io.NodeOutput(frames, int(round(latent.fps)), ui=comfy.ui.PreviewText(note))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vramwise.errors import ModelFolderError
-from vramwise.families import detect_family
+from vramwise.families import ModelIndex, detect_family
 from vramwise.model_folders import list_model_folders, resolve_model_folder
 
 
@@ -62,3 +62,74 @@ def test_model_folders_are_found_in_subfolders_and_through_links(tmp_path, tiny_
 def test_model_names_that_escape_the_models_folder_are_refused(tmp_path, name):
     with pytest.raises(ModelFolderError):
         resolve_model_folder(name, [tmp_path])
+
+
+def test_a_symlink_loop_lists_each_model_folder_once(tmp_path):
+    root = tmp_path / "diffusers"
+    (root / "wan" / "a").mkdir(parents=True)
+    (root / "wan" / "a" / "model_index.json").write_text("{}")
+    (root / "b").mkdir()
+    (root / "b" / "model_index.json").write_text("{}")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # models/diffusers/loop -> models/diffusers
+    (root / "wan" / "back").symlink_to(root / "wan", target_is_directory=True)
+    assert list_model_folders([root]) == ["b", "wan/a"]
+    with pytest.raises(ModelFolderError, match="not found"):
+        resolve_model_folder("loop/b", [root])
+
+
+def test_a_folder_reachable_directly_and_through_a_link_is_listed_under_its_direct_name(tmp_path):
+    root = tmp_path / "diffusers"
+    (root / "wan" / "a").mkdir(parents=True)
+    (root / "wan" / "a" / "model_index.json").write_text("{}")
+    (root / "alias").symlink_to(root / "wan", target_is_directory=True)  # sorts before 'wan'
+    assert list_model_folders([root]) == ["wan/a"]
+
+
+def test_one_model_folder_linked_under_two_names_is_listed_under_both(tmp_path, tiny_models_root):
+    root = tmp_path / "diffusers"
+    root.mkdir()
+    for name in ("Wan2.1-I2V-14B-480P-Diffusers", "tiny-wan21-i2v"):
+        (root / name).symlink_to(tiny_models_root / "tiny-wan21-i2v", target_is_directory=True)
+    assert list_model_folders([root]) == ["tiny-wan21-i2v", "Wan2.1-I2V-14B-480P-Diffusers"]
+    assert resolve_model_folder("tiny-wan21-i2v", [root]) == root / "tiny-wan21-i2v"
+
+
+def _copy_with_links(src, dst):
+    """A model folder whose model_index.json is a real, editable copy and whose components link to ``src``."""
+    dst.mkdir()
+    for child in src.iterdir():
+        if child.name == "model_index.json":
+            (dst / child.name).write_text(child.read_text())
+        else:
+            (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+    return dst
+
+
+def test_every_tiny_model_folder_is_complete(tiny_models_root):
+    from vramwise.families import missing_component_reason
+
+    for folder in sorted(p for p in tiny_models_root.iterdir() if (p / "model_index.json").is_file()):
+        try:
+            family = detect_family(folder)
+        except ModelFolderError as e:
+            assert "incomplete" not in str(e), e
+            continue
+        assert missing_component_reason(ModelIndex.read(folder), family) is None
+
+
+def test_model_index_without_a_component_names_it(tmp_path, tiny_models_root):
+
+    folder = _copy_with_links(tiny_models_root / "tiny-wan21-i2v", tmp_path / "wan")
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["vae"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError) as err:
+        detect_family(folder)
+    assert "'vae'" in str(err.value) and "incomplete" in str(err.value) and "expected" not in str(err.value)
+
+
+def test_a_listed_component_without_its_folder_names_it(tmp_path, tiny_models_root):
+    folder = _copy_with_links(tiny_models_root / "tiny-wan21-i2v", tmp_path / "wan")
+    (folder / "text_encoder").unlink()
+    with pytest.raises(ModelFolderError, match="'text_encoder'.*no such sub-folder"):
+        detect_family(folder)

@@ -82,3 +82,71 @@ def test_pad_keeps_the_whole_image_with_black_bars():
     assert out.size == (64, 64)
     assert out.getpixel((32, 2)) == (0, 0, 0)  # bar above
     assert min(out.getpixel((32, 32))) > 250  # image in the middle
+
+
+# --- file inputs: only files the input's listing offers (vramwise/model_files.py) ---
+from vramwise.model_files import list_model_files, resolve_model_file  # noqa: E402
+
+_EXT = (".safetensors", ".gguf")
+
+
+def _models_root(tmp_path):
+    root = tmp_path / "models" / "diffusion_models"
+    (root / "wan").mkdir(parents=True)
+    (root / "wan" / "a.safetensors").write_bytes(b"x")
+    (root / "b.gguf").write_bytes(b"x")
+    (root / "notes.txt").write_text("x")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "real.safetensors").write_bytes(b"x")
+    (root / "linked.safetensors").symlink_to(outside / "real.safetensors")
+    return root, outside
+
+
+def _refusal(name, roots):
+    with pytest.raises(InputError) as err:
+        resolve_model_file("diffusion_model", name, roots, _EXT, "models/diffusion_models")
+    assert err.value.input_name == "diffusion_model"
+    return str(err.value)
+
+
+def test_listed_files_resolve_including_a_file_linked_from_elsewhere(tmp_path):
+    root, outside = _models_root(tmp_path)
+    assert list_model_files([root, tmp_path / "missing"], _EXT) == ["b.gguf", "linked.safetensors", "wan/a.safetensors"]
+    assert resolve_model_file("diffusion_model", "wan/a.safetensors", [root], _EXT, "m") == root / "wan" / "a.safetensors"
+    linked = resolve_model_file("diffusion_model", "linked.safetensors", [root], _EXT, "m")
+    assert linked.resolve() == (outside / "real.safetensors").resolve()
+
+
+def test_hostile_file_names_get_one_message_whether_or_not_the_path_exists(tmp_path):
+    root, outside = _models_root(tmp_path)
+    depth = len(root.parts)
+    messages = {
+        _refusal(name, [root])
+        for name in [
+            "/etc/passwd", "/etc/no-such-file-here", "../" * depth + "etc/passwd", "../" * depth + "etc/none",
+            str(outside / "real.safetensors"), str(outside / "gone.safetensors"), "../../elsewhere/real.safetensors",
+            "wan/../b.gguf", "notes.txt", "", "wan", "loop/wan/a.safetensors",
+        ]
+    }
+    assert len(messages) == 1
+    (message,) = messages
+    assert "pick a file from the list" in message and "models/diffusion_models" in message
+    assert "passwd" not in message and "elsewhere" not in message
+
+
+def test_a_symlink_loop_in_a_models_folder_lists_each_file_once(tmp_path):
+    root, _ = _models_root(tmp_path)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    assert list_model_files([root], _EXT) == ["b.gguf", "linked.safetensors", "wan/a.safetensors"]
+    _refusal("loop/b.gguf", [root])
+
+
+def test_unknown_resize_and_tiling_modes_name_the_input_and_the_choices():
+    from vramwise.decode import TilingMode
+
+    with pytest.raises(InputError, match=r"^resize_mode: 'stretch'.*pick one of crop, pad"):
+        ResizeMode.parse("stretch")
+    with pytest.raises(InputError, match=r"^tiling: 'bogus'.*pick one of auto, on, off"):
+        TilingMode.parse("bogus")
+    assert ResizeMode.parse("pad") is ResizeMode.PAD and TilingMode.parse("on") is TilingMode.ON

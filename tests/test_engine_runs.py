@@ -79,6 +79,34 @@ def test_bad_tile_settings_name_the_input(wan):
         decode_latents(wan, latent, TilingOptions(TilingMode.ON, tile=128, overlap=128))
 
 
+@pytest.mark.parametrize("tiling", [TilingOptions(TilingMode.OFF), TilingOptions(TilingMode.ON, tile=64, overlap=16)])
+def test_cancel_during_decode_stops_within_a_block_and_leaves_no_hooks(wan, tiling):
+    latent = generate(wan, _request(num_frames=9, width=96, height=96))
+    calls = []
+
+    def count_only():
+        calls.append(1)
+
+    decode_latents(wan, latent, tiling, check_cancel=count_only)
+    total = len(calls)
+    assert total > 9  # checked before the decoder and its blocks for each latent frame / tile, not once
+
+    seen = []
+
+    def cancel_at_third():
+        seen.append(1)
+        if len(seen) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        decode_latents(wan, latent, tiling, check_cancel=cancel_at_third)
+    assert len(seen) == 3  # nothing ran on after the cancel
+    decoder = wan.loaded.pipe.vae.decoder
+    assert all(not m._forward_pre_hooks for m in decoder.modules())
+    frames, _ = decode_latents(wan, latent, tiling)
+    assert frames.shape == (9, 96, 96, 3)
+
+
 def test_decoding_with_another_family_is_refused(wan, tiny_models_root):
     other = VramwiseModel(load_pipeline(LoadOptions(tiny_models_root / "tiny-wan22-ti2v-5b", OffloadMode.NONE, WeightDtype.BF16), CPU))
     latent = generate(wan, _request())

@@ -69,3 +69,41 @@ def test_wan21_without_clip_vision_is_a_clear_error(comfy_server):
     err = execution_error(entry)
     assert err is not None and err["node_type"] == "VRAMWiseCheckpointLoader"
     assert "clip_vision" in err["exception_message"] and "clip_vision_h.safetensors" in err["exception_message"]
+
+
+def _loader_refusal(comfy_server, value: str) -> str:
+    err = execution_error(comfy_server.run(_prompt(diffusion_model=value)))
+    assert err is not None and err["node_type"] == "VRAMWiseCheckpointLoader"
+    return err["exception_message"]
+
+
+def test_paths_outside_the_listing_are_refused_with_one_message(comfy_server, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    messages = {
+        _loader_refusal(comfy_server, value)
+        for value in ("/etc/passwd", "/etc/vramwise-no-such-file", "../../../../etc/passwd",
+                      "../../../../etc/vramwise-no-such-file", str(outside), str(tmp_path / "missing.safetensors"))
+    }
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert message.startswith("diffusion_model:") and "pick a file from the list" in message
+    assert "passwd" not in message and "Traceback" not in message
+
+
+def test_a_file_symlinked_into_the_models_folder_from_elsewhere_runs(comfy_server, tmp_path):
+    real = comfy_server.models_dir / "diffusion_models" / FILES["diffusion_model"]
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    target = elsewhere / "moved.safetensors"
+    target.write_bytes(real.read_bytes())
+    link = comfy_server.models_dir / "diffusion_models" / "linked_from_elsewhere.safetensors"
+    link.symlink_to(target)
+    try:
+        entry = comfy_server.run(_prompt(diffusion_model=link.name))
+        assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
+    finally:
+        link.unlink()

@@ -104,6 +104,34 @@ def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
     _success(comfy_server.run(i2v_prompt(seed=3)))
 
 
+def test_interrupt_during_vae_decode_stops_the_decode_and_the_next_prompt_succeeds(comfy_server):
+    # 128x128x33 decodes for many seconds on CPU with the tiny VAE: long enough for the interrupt to land inside it.
+    prompt_id = comfy_server.queue(i2v_prompt(steps=1, width=128, height=128, frames=33, save="preview"))
+    deadline = time.time() + 120
+    while not any(e.get("type") == "executing" and e["data"].get("node") == "4" for e in comfy_server.events_for(prompt_id)):
+        assert time.time() < deadline, "the decode node never started"
+        time.sleep(0.05)
+    comfy_server.interrupt()
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    kinds = [k for k, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    executed = [e["data"].get("node") for e in comfy_server.events_for(prompt_id) if e.get("type") == "executed"]
+    assert "4" not in executed  # the decode did not run to its end
+    _success(comfy_server.run(i2v_prompt(seed=4)))
+
+
+def test_a_request_too_big_for_host_ram_is_refused_up_front_naming_what_to_shrink(comfy_server):
+    # 4096x4096x81 needs ~54 GiB of host RAM on a CPU (the decoded frames alone are 16 GiB of float32).
+    prompt_id = comfy_server.queue(i2v_prompt(width=4096, height=4096, frames=81, save="preview"))
+    entry = comfy_server.wait(prompt_id, timeout=120)
+    error = execution_error(entry)
+    assert error is not None and error["node_type"] == "VRAMWiseSampler"
+    message = error["exception_message"]
+    assert message.startswith("width/height/num_frames: 4096x4096x81 needs") and "or smaller at 81 frames" in message
+    assert comfy_server.progress(prompt_id, "3") == []  # refused before the first step
+    _success(comfy_server.run(i2v_prompt(seed=5)))
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
@@ -112,6 +140,10 @@ def test_interrupt_mid_run_stops_and_the_next_prompt_succeeds(comfy_server):
         ({"steps": 0}, "steps: must be at least 1"),
         ({"model": "tiny-wan22-ti2v-5b", "width": 48}, "width: 48 is not a multiple of 32"),
         ({"end_image": True}, "end_image: Wan2.1 I2V"),
+        ({"resize_mode": "stretch"}, "resize_mode: 'stretch' is not a known resize mode"),
+        ({"tiling": "bogus"}, "tiling: 'bogus' is not a known tiling mode"),
+        ({"save": "writer", "prefix": "x" * 300}, "filename_prefix: its file name part"),
+        ({"save": "writer", "prefix": "y" * 300 + "/clip"}, "filename_prefix: its sub-folder"),
     ],
 )
 def test_bad_input_fails_with_a_message_naming_the_input_and_fix(comfy_server, overrides, needle):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vramwise.video as vv
+from vramwise.errors import InputError
 from vramwise.video.paths import publish, resolve_output_path
 
 
@@ -105,3 +106,26 @@ def test_symlink_inside_base_is_fine(tmp_path):
         pytest.skip("cannot create symlinks here")
     full, subfolder, _ = resolve_output_path(str(tmp_path), "alias/clip", ".mp4")
     assert subfolder == "alias" and os.path.dirname(full) == str(tmp_path.resolve() / "alias")
+
+
+@pytest.mark.parametrize("prefix", ["x" * 300, "x" * 300 + "/clip", "ok/" + "é" * 200])
+def test_names_longer_than_the_file_system_allows_are_input_errors(prefix, tmp_path):
+    with pytest.raises(InputError) as err:
+        resolve_output_path(str(tmp_path), prefix, ".mp4")
+    assert err.value.input_name == "filename_prefix" and "at most" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # nothing created for a refused prefix
+
+
+def test_the_longest_accepted_name_can_be_written_with_its_temp_sibling(tmp_path):
+    from vramwise.video.paths import temp_path_for
+
+    for length in range(200, 256):
+        try:
+            full, _, _ = resolve_output_path(str(tmp_path), "n" * length, ".webm")
+        except InputError:
+            break
+    assert length - 1 > 200
+    full, _, _ = resolve_output_path(str(tmp_path), "n" * (length - 1), ".webm")
+    with open(temp_path_for(full), "wb") as f:  # OSError 36 here if the limit were too loose
+        f.write(b"x")
+    open(full, "wb").close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 
+from .cancel_hooks import block_modules, cancel_hooks
 from .device import free_bytes, is_oom, release_memory
 from .errors import InputError
 from .handles import VramwiseLatent, VramwiseModel
+from .memory.host_run import check_request_fits_host, host_oom_error, is_host_oom
 
 # Leave room for the allocator's fragmentation and for whatever else runs on the device.
 FREE_MEMORY_SHARE = 0.85
@@ -21,6 +24,14 @@ class TilingMode(str, Enum):
     AUTO = "auto"
     ON = "on"
     OFF = "off"
+
+    @classmethod
+    def parse(cls, value: str) -> "TilingMode":
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InputError("tiling", f"'{value}' is not a known tiling mode.", f"pick one of {choices}.") from None
 
 
 @dataclass(frozen=True)
@@ -44,8 +55,17 @@ def estimate_untiled_bytes(model: VramwiseModel, latent: VramwiseLatent) -> int:
     return int(model.family.decode_bytes_per_pixel(model.loaded) * latent.width * latent.height)
 
 
-def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingOptions) -> tuple[torch.Tensor, str]:
-    """Frames [F, H, W, 3] float32 0..1 on the CPU, and a note saying how they were decoded."""
+def decode_latents(
+    model: VramwiseModel,
+    latent: VramwiseLatent,
+    tiling: TilingOptions,
+    check_cancel: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, str]:
+    """Frames [F, H, W, 3] float32 0..1 on the CPU, and a note saying how they were decoded.
+
+    ``check_cancel`` (ComfyUI's interrupt check) is called between decoder blocks; whatever it raises ends the
+    decode with the VAE's hooks and memory given back.
+    """
     tiling.validate()
     family = model.family
     if latent.family_id != family.id:
@@ -64,13 +84,25 @@ def decode_latents(model: VramwiseModel, latent: VramwiseLatent, tiling: TilingO
         use_tiles = tiling.mode is TilingMode.ON
         why = "as requested"
     tile, overlap = tiling.tile, tiling.overlap
+    # The frames are float32 on the host whatever the device; on a CPU the VAE's work is there too.
+    check_request_fits_host(loaded, latent.width, latent.height, latent.num_frames, False,
+                            vae_tile=tile if use_tiles else None, decode_only=True)
     retries: list[str] = []
     while True:
         family.vae_tiling(loaded, use_tiles, tile, overlap)
         try:
-            frames = family.decode(loaded, latent.samples)
+            # The VAEs decode in loops of their own (Wan: one latent frame per decoder call; tiled: one tile per
+            # call; I2VGen-XL: chunks of frames) with no callback, so Cancel is asked before each decoder block.
+            decoder = getattr(loaded.pipe.vae, "decoder", None)
+            blocks = block_modules(decoder) if isinstance(decoder, torch.nn.Module) else []
+            if check_cancel is not None:
+                check_cancel()
+            with cancel_hooks(blocks, check_cancel):
+                frames = family.decode(loaded, latent.samples)
             break
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if is_host_oom(e):
+                raise host_oom_error(e, latent.width, latent.height, latent.num_frames) from e
             if not is_oom(e) or (use_tiles and tile <= MIN_TILE):
                 raise
             was = f"tiled {tile}px" if use_tiles else "untiled"

@@ -15,6 +15,14 @@ class ResizeMode(str, Enum):
     CROP = "crop"  # fill the frame, cut what sticks out (centre)
     PAD = "pad"  # show the whole image, black bars where the aspect differs
 
+    @classmethod
+    def parse(cls, value: str) -> "ResizeMode":
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InputError("resize_mode", f"'{value}' is not a known resize mode.", f"pick one of {choices}.") from None
+
 
 def first_frame(image: torch.Tensor | None, input_name: str = "image") -> tuple[torch.Tensor, str | None]:
     """The first image of a batch as [H, W, 3], and a note when a batch was cut to one."""

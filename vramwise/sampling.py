@@ -7,10 +7,12 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from .cancel_hooks import block_modules, cancel_hooks
 from .device import release_memory
 from .errors import SamplingError
 from .families.base import GenerationRequest
 from .handles import VramwiseLatent, VramwiseModel
+from .memory.host_run import check_request_fits_host, host_oom_error, is_host_oom
 
 
 class SamplingObserver(Protocol):
@@ -34,8 +36,12 @@ def observe_steps(pipe: Any, denoisers: list[torch.nn.Module], observer: Samplin
     """Report each scheduler step and check for cancel before every denoiser call.
 
     Wrapping ``scheduler.step`` works for every pipeline, including those without a step callback (I2VGen-XL),
-    and the denoiser pre-hook lets a cancel land within one model call rather than one whole step.
+    and the denoiser pre-hook lets a cancel land within one model call rather than one whole step. Pre-hooks on
+    the denoisers' repeated blocks and the VAE encoder's blocks (cancel_hooks) make it land within one block of a
+    single huge forward or of encoding the conditioning video, which at large sizes each take minutes on a CPU.
     """
+    from .offload.stream import repeated_blocks
+
     scheduler = pipe.scheduler
     original_step = scheduler.step
     done = 0
@@ -55,11 +61,16 @@ def observe_steps(pipe: Any, denoisers: list[torch.nn.Module], observer: Samplin
 
     scheduler.step = step
     handles = [m.register_forward_pre_hook(pre_hook) for m in denoisers]
+    blocks = [b for d in denoisers for b in repeated_blocks(d)]
+    encoder = getattr(getattr(pipe, "vae", None), "encoder", None)
+    if isinstance(encoder, torch.nn.Module):
+        blocks += block_modules(encoder)
     try:
         observer.check_cancel()
         for patch in patches:
             patch.on_step(0, total)
-        yield
+        with cancel_hooks(blocks, observer.check_cancel):
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -82,6 +93,8 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     torch.manual_seed(request.seed)
     run = family.run_info(loaded, request)
+    # Refuse up front what host RAM cannot hold (memory/host_run.py), before minutes of encoding and sampling.
+    check_request_fits_host(loaded, request.width, request.height, request.num_frames, request.cfg > 1.0)
     detachers = []
     try:
         family.configure_scheduler(pipe, request)
@@ -90,6 +103,10 @@ def generate(
         with observe_steps(pipe, loaded.denoisers, observer, request.steps, model.patches):
             latents = family.sample(loaded, request, generator)
         latents = latents.detach().float().cpu()
+    except RuntimeError as e:
+        if is_host_oom(e):
+            raise host_oom_error(e, request.width, request.height, request.num_frames) from e
+        raise
     finally:
         for detach in reversed(detachers):
             detach()

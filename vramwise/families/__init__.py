@@ -44,6 +44,34 @@ def family_by_id(family_id: str) -> Family:
     raise ModelFolderError(f"Unknown model family '{family_id}'. Known families: {known}.")
 
 
+def missing_component_reason(index: ModelIndex, family: Family) -> str | None:
+    """What a matched folder lacks for its pipeline, in words, or None.
+
+    diffusers would only say "Pipeline ... expected {...}, but only {...} were passed" or name a weights file it
+    could not find, deep in a traceback; the user needs the component's name and that the download is incomplete.
+    The components a pipeline needs come from diffusers itself (``_get_signature_keys`` minus its
+    ``_optional_components``), plus the denoisers and text encoders the family runs.
+    """
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, family.pipeline_class_name, None)
+    needed: set[str] = set(family.denoiser_names) | set(family.text_encoder_names)
+    if pipeline_cls is not None:
+        expected, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+        needed |= set(expected) - set(getattr(pipeline_cls, "_optional_components", ()))
+    absent = sorted(n for n in needed if not index.has_component(n))
+    if absent:
+        names = ", ".join(f"'{n}'" for n in absent)
+        return (f"model_index.json has no {names} component, which {family.label} needs. Fix: download the whole "
+                "folder again (or restore model_index.json from the published model).")
+    no_folder = sorted(n for n in index.components() if not (index.folder / n).is_dir())
+    if no_folder:
+        names = ", ".join(f"'{n}'" for n in no_folder)
+        return (f"model_index.json lists the component {names} but the folder has no such sub-folder. Fix: download "
+                "the missing sub-folder (or the whole model folder) again.")
+    return None
+
+
 def detect_family(folder: Path) -> Family:
     """The family of a diffusers folder, or a ModelFolderError saying what was found instead."""
     folder = Path(folder)
@@ -64,7 +92,11 @@ def detect_family(folder: Path) -> Family:
             raise ModelFolderError(f"'{folder.name}' holds {reason}.")
     for cls in FAMILY_CLASSES:
         if cls.matches(index):
-            return cls()
+            family = cls()
+            missing = missing_component_reason(index, family)
+            if missing:
+                raise ModelFolderError(f"'{folder.name}' is incomplete: {missing}")
+            return family
     found = index.pipeline_class or "no _class_name"
     reason = KNOWN_UNSUPPORTED.get(index.pipeline_class)
     components = ", ".join(index.components()) or "none"

@@ -9,6 +9,11 @@ import uuid
 
 from .errors import InputError
 
+# Longest file or folder name (bytes) on Linux/macOS file systems (NAME_MAX); longer parts fail with OSError 36.
+NAME_MAX = 255
+# What we add to the prefix's last part: "_<counter>" and the extension, and for the hidden temp sibling "." in
+# front and ".<8 hex>.partial" behind (temp_path_for).
+_NAME_OVERHEAD = len("._00000") + len(".12345678.partial")
 _BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*]')  # invalid on Windows, or ambiguous (":" makes "C:x" drive-relative)
 
 
@@ -53,6 +58,21 @@ def resolve_output_path(base_dir: str, filename_prefix: str, extension: str) -> 
     if not parts or prefix.endswith(("/", "\\")):
         raise _prefix_error(f"'{filename_prefix}' has no file name after the last '/'.")
     *subdirs, name = parts
+    for part in subdirs:
+        if len(part.encode()) > NAME_MAX:
+            raise InputError(
+                "filename_prefix",
+                f"its sub-folder '{part[:24]}...' is {len(part.encode())} bytes long; folder names can have at most {NAME_MAX}.",
+                f"shorten each sub-folder name to at most {NAME_MAX} characters.",
+            )
+    longest = NAME_MAX - _NAME_OVERHEAD - len(extension.encode())
+    if len(name.encode()) > longest:
+        raise InputError(
+            "filename_prefix",
+            f"its file name part '{name[:24]}...' is {len(name.encode())} bytes long; with the counter and extension "
+            f"the file name would exceed the {NAME_MAX} bytes file systems allow.",
+            f"shorten the part after the last '/' to at most {longest} characters.",
+        )
 
     root = os.path.realpath(base_dir)
     folder = os.path.join(root, *subdirs)
