@@ -71,45 +71,43 @@ def settle(device: torch.device) -> None:
 
 
 class StepTimer:
-    """Observer: wall time of each step, and when the first denoiser call starts (end of encoding)."""
+    """Observer: wall time of each step; ``watch`` marks the first denoiser call (the end of encoding)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.start = time.perf_counter()
         self.marks: list[float] = []
         self.first_call: float | None = None
+        self._handles: list = []
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def watch(self, denoisers) -> None:
+        def mark(module, args) -> None:
+            if self.first_call is None:
+                self.sync()
+                self.first_call = time.perf_counter()
+
+        self._handles = [d.register_forward_pre_hook(mark) for d in denoisers]
+
+    def unwatch(self) -> None:
+        for h in self._handles:
+            h.remove()
 
     def on_step(self, step, total, latents) -> None:
         self.sync()
         self.marks.append(time.perf_counter())
 
     def check_cancel(self) -> None:
-        if self.first_call is None:
-            self.sync()
-            self.first_call = time.perf_counter()
+        pass
 
     def split(self) -> dict:
-        # check_cancel runs once before sampling starts and before every denoiser call; the first denoiser call
-        # is the second check. Encoding = start .. that call.
-        enc_end = self.second or self.first_call or self.start
+        enc_end = self.first_call or self.start
         steps = [b - a for a, b in zip([enc_end] + self.marks, self.marks)]
         return dict(encode_s=round(enc_end - self.start, 2), steps_s=round(sum(steps), 2),
                     step_s=[round(s, 3) for s in steps])
-
-    second: float | None = None
-
-
-class EncodeTimer(StepTimer):
-    def check_cancel(self) -> None:
-        if self.first_call is None:
-            self.first_call = time.perf_counter()
-        elif self.second is None:
-            self.sync()
-            self.second = time.perf_counter()
 
 
 def build(args, device: torch.device):
@@ -193,8 +191,12 @@ def run_ours(args, device: torch.device, out: Path) -> None:
                 settle(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                timer = EncodeTimer(device)
-                latent = generate(m, request(args), timer)
+                timer = StepTimer(device)
+                timer.watch(loaded.denoisers)
+                try:
+                    latent = generate(m, request(args), timer)
+                finally:
+                    timer.unwatch()
                 split = timer.split()
                 peak_vram = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else 0.0
                 t1 = time.perf_counter()
@@ -206,6 +208,17 @@ def run_ours(args, device: torch.device, out: Path) -> None:
                 result(mode=mode, what=f"run {label}", rep=rep, peak_sample_gib=round(peak_vram, 2),
                        finite=bool(torch.isfinite(frames).all()),
                        report=[r for r in getattr(m.patches[-1], "report", [])][-1:] if m.patches else [], **split)
+        # -- strength change: no reload, no re-read of the file, and (compiled) no new graphs --
+        import torch._dynamo.utils as dyn
+
+        graphs = dyn.counters["stats"]["unique_graphs"]
+        reads = len(convert.READS)
+        settle(device)
+        t0 = time.perf_counter()
+        generate(with_lora(model, LoraEntry(lora_path, 0.5)), request(args), StepTimer(device))
+        result(mode=mode, what="strength change", seconds=round(time.perf_counter() - t0, 2),
+               new_graphs=dyn.counters["stats"]["unique_graphs"] - graphs, file_reads=len(convert.READS) - reads,
+               loads=loaded.options.source.loads)
         if device.type == "cuda":
             from engine_gpu_checks import unplace
 
@@ -263,6 +276,9 @@ def table() -> str:
             per = statistics.median(r["step_s"]) if r["step_s"] else 0
             rows.append(f"| {r['mode']} | {r['what']} | {r['encode_s']} | {r['steps_s']} ({per:.3f}) | "
                         f"{r['decode_s']} | {r['peak_sample_gib']} |")
+        elif r["what"] == "strength change":
+            rows.append(f"| {r['mode']} | strength 1 -> 0.5 (whole run) | {r['seconds']} | new graphs "
+                        f"{r['new_graphs']}, file reads {r['file_reads']}, model loads {r['loads']} | - | - |")
         else:
             rows.append(f"| {r['mode']} | {r['what']} | patch {r['patch_s']} | ({r['step_s']}) | - | "
                         f"+{r['rss_peak_above_gib']} |")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..vramwise.errors import InputError
 from ..vramwise.handles import VramwiseModel
 from ..vramwise.lora import LoraEntry, with_lora
 from . import comfy_bridge as comfy
@@ -10,16 +9,6 @@ from .comfy_bridge import io
 from .types import CATEGORY, VramwiseModelType
 
 LORA_FOLDER = "loras"
-
-
-def _lora_path(name: str):
-    """A name from the listing, resolved inside the loras folders only."""
-    if name not in comfy.list_files(LORA_FOLDER):
-        raise InputError("lora_name", f"'{name}' is not in models/loras.", "pick a file from the list (press R to refresh).")
-    path = comfy.file_path(LORA_FOLDER, name)
-    if path is None:
-        raise InputError("lora_name", f"'{name}' is gone from models/loras.", "pick a file from the list (press R).")
-    return path
 
 
 class VRAMWiseLoraLoader(io.ComfyNode):
@@ -51,7 +40,9 @@ class VRAMWiseLoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model: VramwiseModel, lora_name: str, strength: float,
                 strength_low_noise: float = 1.0) -> io.NodeOutput:
-        entry = LoraEntry(_lora_path(lora_name), float(strength), float(strength_low_noise))
+        # Resolved only through the listing (no absolute paths, no '..'), as every file input is.
+        entry = LoraEntry(comfy.model_file("lora_name", LORA_FOLDER, lora_name), float(strength),
+                          float(strength_low_noise))
         patched = with_lora(model, entry)
         patch = next(p for p in patched.patches if p.name == "lora")
         # Matching now makes a LoRA for another model (or a family without LoRA support) fail at this node.

@@ -105,3 +105,14 @@ def test_flow_scheduler_choices_run(comfy_server):
         prompt["3"]["inputs"]["scheduler"] = scheduler
         outs[scheduler] = _frames(comfy_server, comfy_server.run(prompt))
     assert len({b"".join(v) for v in outs.values()}) == 4
+
+
+def test_lora_name_outside_the_listing_is_refused(comfy_server):
+    messages = set()
+    for name in ("/etc/passwd", f"../loras/{LIGHTX2V_LORA}", "../../../../etc/passwd"):
+        err = execution_error(comfy_server.run(_with_loras(i2v_prompt(frames=5, steps=1), (name, 1.0))))
+        assert err is not None and err["node_type"] == "VRAMWiseLoraLoader", name
+        messages.add(err["exception_message"])
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert message.startswith("lora_name:") and "pick a file from the list" in message and "passwd" not in message

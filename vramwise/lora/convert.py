@@ -146,7 +146,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], path: Path, meta: dict[str, 
 
 # ---- cache ------------------------------------------------------------------------------------------------------
 _CACHE: dict[tuple, LoraFile] = {}
-CACHE_FILES = 4  # converted files kept (a rank-64 14B LoRA is ~0.7 GB in bf16)
+CACHE_FILES = 3  # converted files kept in RAM (a rank-64 14B LoRA is ~0.7 GB in bf16): a chain of three
 
 
 def _identity(path: Path) -> tuple:
