@@ -40,12 +40,13 @@ TOP_LINEARS = (
 LAYOUTS = ("comfy", "lightx2v", "causvid", "musubi", "peft")
 
 
-def _linears(transformer: torch.nn.Module, top: bool) -> list[tuple[str, str, torch.nn.Linear]]:
-    """(original name, diffusers name, module) of every LoRA target the layouts use."""
+def _linears(transformer: torch.nn.Module, top: bool, image: bool = True) -> list[tuple[str, str, torch.nn.Linear]]:
+    """(original name, diffusers name, module) of every LoRA target the layouts use (``image``: the I2V image
+    projections too; a T2V LoRA has none)."""
     mods = dict(transformer.named_modules())
     out = []
     for i in range(len(transformer.blocks)):
-        for orig, ours in BLOCK_LINEARS + IMAGE_LINEARS:
+        for orig, ours in BLOCK_LINEARS + (IMAGE_LINEARS if image else ()):
             m = mods.get(f"blocks.{i}.{ours}")
             if isinstance(m, torch.nn.Linear):
                 out.append((f"blocks.{i}.{orig}", f"blocks.{i}.{ours}", m))
@@ -59,7 +60,7 @@ def _linears(transformer: torch.nn.Module, top: bool) -> list[tuple[str, str, to
 
 def make_lora(transformer: torch.nn.Module, layout: str, rank: int = 4, seed: int = 0, scale: float = 0.2,
               dtype: torch.dtype = torch.bfloat16, blocks: list[int] | None = None,
-              extra_blocks: list[int] = ()) -> tuple[dict, dict]:
+              extra_blocks: list[int] = (), t2v: bool = False) -> tuple[dict, dict]:
     """A random LoRA state dict (and safetensors metadata) for ``transformer`` in ``layout``; ``blocks`` limits
     it to some blocks, ``extra_blocks`` adds a self-attention q LoRA on blocks the model does not have."""
     if layout not in LAYOUTS:
@@ -73,7 +74,7 @@ def make_lora(transformer: torch.nn.Module, layout: str, rank: int = 4, seed: in
     def rnd(*shape, s=scale):
         return (torch.randn(*shape, generator=g) * s).to(dtype)
 
-    for orig, ours, m in _linears(transformer, top):
+    for orig, ours, m in _linears(transformer, top, image=not t2v):
         if blocks is not None and orig.startswith("blocks.") and int(orig.split(".")[1]) not in blocks:
             continue
         down, up = rnd(rank, m.in_features), rnd(m.out_features, rank)

@@ -231,3 +231,11 @@ def test_error_mid_run_leaves_no_hooks_and_stored_weights(wan21, loras):
     assert transformer.proj_out.weight.data_ptr() == ptr and torch.equal(transformer.proj_out.weight, proj)
     # (the stream engine keeps its own hooks on the blocks and the model; the layers carry none)
     assert all(not m._forward_hooks for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_t2v_lora_on_i2v_equals_diffusers_zero_padding(wan21, model32, tmp_path):
+    """A Wan2.1 T2V LoRA has no image projections; diffusers pads them with zeros, we leave them alone."""
+    path = tiny_lora(model32, tmp_path, "comfy", name="t2v.safetensors", t2v=True)
+    ours = generate(lora_model(model32, (path, 1.0)), tiny_wan_request()).samples
+    ref = generate(diffusers_fused(wan21, [(path, 1.0)], fp32=True), tiny_wan_request()).samples
+    assert torch.allclose(ours, ref, atol=FP32_ATOL, rtol=0), (ours - ref).abs().max()
