@@ -209,6 +209,7 @@ class MemSource:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.loads = 0
+        self.loaded = None  # the handle, set once loaded: a reload takes its old placement's hooks off first
 
     def family(self):
         from vramwise.families.wan import Wan21I2V
@@ -218,18 +219,14 @@ class MemSource:
     def load(self, torch_dtype, keep_fp8=False):
         self.loads += 1
         if self.loads > 1:
-            unplace(self.pipe)
+            unplace(self.pipe, self.loaded.placement)  # the placement being replaced
         return self.pipe
 
 
-def unplace(pipe) -> None:
+def unplace(pipe, placement) -> None:
     from accelerate.hooks import remove_hook_from_module
 
-    for eng in getattr(pipe, "_vramwise_stream", ()):
-        eng.remove()
-    for b in getattr(pipe, "_vramwise_cfg_batchers", ()):
-        b.detach()
-    pipe._vramwise_stream, pipe._vramwise_cfg_batchers = [], []
+    placement.remove()
     for name, m in pipe.components.items():
         if isinstance(m, torch.nn.Module):
             remove_hook_from_module(m, recurse=True)
@@ -269,7 +266,6 @@ def part_budgets(args) -> None:
     from vramwise.decode import TilingOptions, decode_latents
     from vramwise.handles import VramwiseModel
     from vramwise.loader import LoadOptions, PipelineCache
-    from vramwise.memory import planner
     from vramwise.memory.planned_run import generate_with_plan
     from vramwise.offload import OffloadMode
     from vramwise.offload import stream as stream_mod
@@ -285,8 +281,8 @@ def part_budgets(args) -> None:
     opts = LoadOptions(Path("wan21-i2v-14b-random"), OffloadMode.AUTO, WeightDtype.BF16, source=src)
     t0 = time.time()
     loaded, _ = cache.get_or_load("s", opts, torch.device("cuda"))
-    log(f"placed in {time.time() - t0:.0f}s: {planner.plan_of(loaded.pipe).describe()}; "
-        + "; ".join(e.describe() for e in getattr(loaded.pipe, '_vramwise_stream', ())))
+    src.loaded = loaded
+    log(f"placed in {time.time() - t0:.0f}s: {loaded.placement.describe()}")
     model = VramwiseModel(loaded)
     req = request(832, 480, args.frames, args.steps)
     runs = [("plain", model)]

@@ -116,7 +116,7 @@ def run_group(group: str, args) -> list[dict]:
         from diffusers import WanTransformer3DModel
 
         from vramwise.offload.cfg_batching import CfgBatcher
-        from vramwise.offload.stream import StreamOffload
+        from vramwise.offload.stream import StreamOffload, StreamSettings
 
         t0 = time.time()
         with torch.device(dev):
@@ -170,9 +170,9 @@ def run_group(group: str, args) -> list[dict]:
             torch.cuda.empty_cache()
             for fp8 in [v == "1" for v in args.fp8.split(",")]:
                 t0 = time.time()
-                eng = StreamOffload(model, dev, fp8_linear=fp8, ffn_chunk_tokens=args.ffn_chunk or None,
-                                    depth=args.depth or None, compile_blocks=compiled, lean=bool(args.lean),
-                                    chunk_rows=args.chunk_rows or None)
+                eng = StreamOffload(model, dev, StreamSettings(
+                    fp8_linear=fp8, ffn_chunk_tokens=args.ffn_chunk or None, depth=args.depth or None,
+                    compile_blocks=compiled, lean=bool(args.lean), chunk_rows=args.chunk_rows or None))
                 log(f"[{group}] packed fp8={fp8} in {time.time() - t0:.1f}s: {eng.describe()}")
                 for f in frames:
                     measure(("stream+fp8" if fp8 else "stream") + suffix, f,

@@ -42,7 +42,7 @@ def run_ours(args) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
     from vramwise.offload.cfg_batching import CfgBatcher
-    from vramwise.offload.stream import StreamOffload
+    from vramwise.offload.stream import StreamOffload, StreamSettings
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.set_grad_enabled(False)
@@ -86,7 +86,7 @@ def run_ours(args) -> list[dict]:
             torch.cuda.empty_cache()
 
     t0 = time.time()
-    eng = StreamOffload(model, dev, compile_blocks=True, lean=True)
+    eng = StreamOffload(model, dev, StreamSettings(compile_blocks=True, lean=True, ffn_chunk_tokens=None))
     log(f"[ours] packed in {time.time() - t0:.1f}s: {eng.describe()}")
     for f in frames:
         for c in chunks:
@@ -95,7 +95,7 @@ def run_ours(args) -> list[dict]:
     eng.remove()
     torch.cuda.empty_cache()
     if not args.quick:
-        eng = StreamOffload(model, dev, compile_blocks=True, lean=False)
+        eng = StreamOffload(model, dev, StreamSettings(compile_blocks=True, lean=False, ffn_chunk_tokens=None))
         for f in frames:
             measure("stream+compile stock block (no lean)", eng, f, f"profile_stock_{f}.txt")
         eng.remove()

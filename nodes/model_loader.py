@@ -7,7 +7,6 @@ from ..vramwise.handles import VramwiseModel
 from ..vramwise.loader import CACHE, LoadOptions
 from ..vramwise.model_folders import list_model_folders, resolve_model_folder
 from ..vramwise.offload import DESCRIPTIONS, OffloadMode
-from ..vramwise.offload.stream import apply_compile
 from ..vramwise.precision import WeightDtype
 from . import comfy_bridge as comfy
 from .comfy_bridge import io
@@ -96,8 +95,7 @@ class VRAMWiseModelLoader(io.ComfyNode):
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
-        loaded.compile_choice = compile  # re-applied when the planner re-places the model
-        compile_note = apply_compile(loaded.pipe, compile)
+        compile_note = loaded.placement.set_compile(compile)  # kept there: re-applied when the model reloads
         text = "\n".join(loaded.notes + ([compile_note] if compile_note else [])
                          + (["(reused the loaded model)"] if reused else []))
         return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))

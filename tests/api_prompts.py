@@ -9,6 +9,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from PIL import Image, ImageSequence
+
+from comfy_harness import execution_error
 from conftest import END_IMAGE, START_IMAGE
 
 _counter = itertools.count()
@@ -77,6 +80,21 @@ def saved_files(entry: dict[str, Any], node_id: str = "5") -> list[dict[str, Any
     """The files an output node reported in its history ``ui`` output."""
     outputs = entry.get("outputs", {}).get(node_id, {})
     return list(outputs.get("images", []) or outputs.get("videos", []) or outputs.get("gifs", []))
+
+
+def assert_success(entry: dict[str, Any]) -> None:
+    """The prompt finished without an error (the assertion message is the server's error)."""
+    status = entry.get("status", {})
+    assert status.get("status_str") == "success", execution_error(entry) or status
+
+
+def saved_frames(server: Any, entry: dict[str, Any], node_id: str = "5") -> list[Image.Image]:
+    """The RGB frames of the one file an output node saved."""
+    files = saved_files(entry, node_id)
+    assert len(files) == 1, entry.get("outputs")
+    f = files[0]
+    with Image.open(server.output_dir / f["subfolder"] / f["filename"]) as im:
+        return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
 
 
 def writer_inputs(images: list, prefix: str, **overrides: Any) -> dict[str, Any]:

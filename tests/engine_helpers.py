@@ -38,6 +38,14 @@ def tiny_wan_request(**overrides) -> GenerationRequest:
     return GenerationRequest(**{**base, **overrides})
 
 
+def tiny_request(prompt: str, **overrides) -> GenerationRequest:
+    """A 64x64, 5-frame, 2-step, cfg 5 request on picture 0 with a negative prompt (the tiny EasyAnimate /
+    I2VGen-XL size); ``overrides`` replace any field."""
+    base = dict(image=picture(64, 64, 0), prompt=prompt, negative_prompt="blurry, static", width=64, height=64,
+                num_frames=5, steps=2, cfg=5.0, seed=0, shift=1.0, end_image=None)
+    return GenerationRequest(**{**base, **overrides})
+
+
 class Cancelled(Exception):
     """Stands in for ComfyUI's InterruptProcessingException."""
 

@@ -13,8 +13,16 @@ from vramwise.validation import validate_generation
 GOOD = dict(width=832, height=480, num_frames=81, steps=30, cfg=5.0)
 
 
-def test_valid_request_passes():
-    validate_generation(Wan21I2V(), **GOOD)
+@pytest.mark.parametrize("change", [{}, {"num_frames": 1}, {"width": 16, "height": 16}, {"steps": 1}, {"cfg": 1.0}],
+                         ids=["defaults", "one-frame", "smallest-size", "one-step", "cfg-off"])
+def test_valid_request_passes(change):
+    """Valid values, the edges included, pass; the same request one step past an edge is refused."""
+    assert validate_generation(Wan21I2V(), **{**GOOD, **change}) is None
+    past = {"num_frames": 0, "width": 8, "height": 8, "steps": 0, "cfg": -1.0}
+    for name in change:
+        with pytest.raises(InputError) as err:
+            validate_generation(Wan21I2V(), **{**GOOD, **change, name: past[name]})
+        assert err.value.input_name in change
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from vramwise.precision import WeightDtype
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from engine_helpers import Cancelled, Recorder, load_tiny, picture
+from engine_helpers import Cancelled, Recorder, load_tiny, picture, tiny_request
 
 MODEL = "tiny-easyanimate-v51-inp"
 LEGACY = "tiny-easyanimate-v5-legacy"
@@ -29,12 +29,7 @@ CPU = torch.device("cpu")
 
 
 def request(**overrides) -> GenerationRequest:
-    values = dict(
-        image=picture(64, 64, 0), prompt="a cat walks on the grass", negative_prompt="blurry, static",
-        width=64, height=64, num_frames=5, steps=2, cfg=5.0, seed=7, shift=1.0, end_image=None,
-    )
-    values.update(overrides)
-    return GenerationRequest(**values)
+    return tiny_request("a cat walks on the grass", **{"seed": 7, "num_frames": 5, **overrides})
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:

@@ -17,7 +17,7 @@ from vramwise.preview import latent_preview
 from vramwise.sampling import generate
 from vramwise.validation import validate_generation
 
-from engine_helpers import Cancelled, Recorder, load_tiny, picture
+from engine_helpers import Cancelled, Recorder, load_tiny, picture, tiny_request
 
 MODEL = "tiny-i2vgenxl"
 # ComfyUI's SD15 latent_rgb_factors (4 channels x RGB), the format the family names for previews.
@@ -25,12 +25,7 @@ SD15_FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.
 
 
 def request(**overrides) -> GenerationRequest:
-    values = dict(
-        image=picture(64, 64, 0), prompt="a dog runs on the beach", negative_prompt="blurry, static",
-        width=64, height=64, num_frames=3, steps=2, cfg=5.0, seed=11, shift=1.0, end_image=None,
-    )
-    values.update(overrides)
-    return GenerationRequest(**values)
+    return tiny_request("a dog runs on the beach", **{"seed": 11, "num_frames": 3, **overrides})
 
 
 def load(root: Path, mode: str = "none", dtype: str = "bf16", text_on_cpu: bool = False) -> VramwiseModel:
@@ -181,7 +176,7 @@ def test_stream_offload_is_refused_naming_the_input(tiny_models_root: Path) -> N
 
 def test_auto_offload_skips_stream_plans_for_a_unet(tiny_models_root: Path, reference: torch.Tensor) -> None:
     m = load(tiny_models_root, "auto")
-    plan = m.loaded.pipe._vramwise_plan.plan
+    plan = m.loaded.placement.plan.plan
     assert plan.offload != "stream"
     out = generate(m, request()).samples
     # On a CPU auto takes its first offloading plan: for a UNet that is sequential with fp8 storage, whose

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vramwise.memory.lean_wan import LeanWan, block_supported, model_supported
-from vramwise.offload.stream import StreamOffload, repeated_blocks
+from vramwise.offload.lean_wan import LeanWan, block_supported, model_supported
+from vramwise.offload.stream import StreamOffload, StreamSettings, repeated_blocks
 
 from test_stream_offload import _inputs, _tiny_transformer
 
@@ -67,7 +67,7 @@ def test_stream_engine_with_lean_forward_and_fp8_blocks_kept_fp8(tiny_models_roo
     x, t, ctx, _, img = [v.to(torch.bfloat16) if v.is_floating_point() else v for v in _inputs(4)]
     ref_model = _tiny_transformer(tiny_models_root, layers=3).to(torch.bfloat16)
     ref = ref_model(x, t, ctx, img, return_dict=False)[0].float()
-    eng = StreamOffload(model, torch.device("cpu"), depth=1, fp8_linear=True, chunk_rows=16)
+    eng = StreamOffload(model, torch.device("cpu"), StreamSettings(depth=1, fp8_linear=True, chunk_rows=16))
     assert eng.lean is not None and len(eng.lean.blocks) == 3
     out = model(x, t, ctx, img, return_dict=False)[0].float()
     # the lean forward ran on fp8 weights directly: the whole-block upcast buffer was never needed
@@ -81,7 +81,7 @@ def test_stream_engine_with_lean_forward_and_fp8_blocks_kept_fp8(tiny_models_roo
 @torch.no_grad()
 def test_condition_embedder_is_transient(tiny_models_root):
     model = _tiny_transformer(tiny_models_root, layers=2)
-    eng = StreamOffload(model, torch.device("cpu"), depth=1)
+    eng = StreamOffload(model, torch.device("cpu"), StreamSettings(depth=1))
     assert eng.transient == [model.condition_embedder]
     assert all(m is not model.condition_embedder for m in eng.resident_modules())
     x, t, ctx, _, img = _inputs(5)
@@ -136,7 +136,7 @@ def test_token_merge_keeps_the_lean_forward_and_matches_the_merged_stock_forward
 def test_pieces_under_compile_update_their_chunk_in_place(tiny_models_root, monkeypatch):
     """The pieces write into the chunk they are given (no copy back by the orchestration); traced with
     fullgraph=True and functionalized (aot_eager), the in-place writes must give the eager result."""
-    import vramwise.memory.lean_wan as lean_mod
+    import vramwise.offload.lean_wan as lean_mod
 
     model = _tiny_transformer(tiny_models_root, layers=2)
     x, t, ctx, neg, img = _inputs(2)

@@ -96,5 +96,13 @@ def test_scheduler_state_on_the_cpu_is_left_alone(tiny_models_root):
     generate_with_plan(model, _request(), Recorder(), cache=cache)
     sched = model.loaded.pipe.scheduler
     before = dict(vars(sched))
+    tensors = [k for k, v in before.items() if isinstance(v, torch.Tensor)]
+    lists = [k for k, v in before.items() if isinstance(v, list) and any(isinstance(t, torch.Tensor) for t in v)]
+    assert tensors, "the scheduler keeps per-run tensors"
     drop_scheduler_state(model.loaded.pipe)
-    assert all(vars(sched)[k] is v for k, v in before.items())  # CPU run: nothing to move
+    assert all(vars(sched)[k] is v for k, v in before.items())  # already on the CPU: the same objects
+    # A device they are not on (``meta`` stands in for the GPU): every tensor and tensor list moves, nothing else.
+    drop_scheduler_state(model.loaded.pipe, to=torch.device("meta"))
+    assert all(vars(sched)[k].device.type == "meta" for k in tensors)
+    assert all(t.device.type == "meta" for k in lists for t in vars(sched)[k] if isinstance(t, torch.Tensor))
+    assert all(vars(sched)[k] is v for k, v in before.items() if k not in tensors and k not in lists)

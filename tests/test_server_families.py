@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from PIL import Image, ImageSequence
-
-from api_prompts import i2v_prompt, saved_files
+from api_prompts import assert_success as _success
+from api_prompts import i2v_prompt
+from api_prompts import saved_frames as _frames
 from comfy_harness import execution_error
 
 pytestmark = pytest.mark.server
@@ -20,19 +20,6 @@ RUNS = {
     EASYANIMATE: dict(width=80, height=64, frames=5, end_image=True),
     I2VGENXL: dict(width=72, height=64, frames=3, end_image=False),
 }
-
-
-def _frames(server, entry) -> list[Image.Image]:
-    files = saved_files(entry)
-    assert len(files) == 1, entry.get("outputs")
-    f = files[0]
-    with Image.open(server.output_dir / f["subfolder"] / f["filename"]) as im:
-        return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
-
-
-def _success(entry) -> None:
-    status = entry.get("status", {})
-    assert status.get("status_str") == "success", execution_error(entry) or status
 
 
 def _prompt(model: str, **overrides):

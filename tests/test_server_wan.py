@@ -5,28 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from PIL import Image, ImageSequence
-
-from api_prompts import i2v_prompt, saved_files
+from api_prompts import assert_success as _success
+from api_prompts import i2v_prompt
+from api_prompts import saved_frames as _frames
 from comfy_harness import PromptFailed, execution_error
 
 pytestmark = pytest.mark.server
 
 PACK_NODES = ("VRAMWiseModelLoader", "VRAMWiseSampler", "VRAMWiseVAEDecode")
-
-
-def _frames(server, entry) -> list[Image.Image]:
-    files = saved_files(entry)
-    assert len(files) == 1, entry.get("outputs")
-    f = files[0]
-    path = server.output_dir / f["subfolder"] / f["filename"]
-    with Image.open(path) as im:
-        return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
-
-
-def _success(entry) -> None:
-    status = entry.get("status", {})
-    assert status.get("status_str") == "success", execution_error(entry) or status
 
 
 def test_pack_registers_every_node_without_import_failures(comfy_server):
@@ -78,7 +64,14 @@ def test_every_offload_mode_runs_on_a_machine_without_cuda(comfy_server, offload
 
 
 def test_fp8_storage_runs(comfy_server):
-    _success(comfy_server.run(i2v_prompt(dtype="fp8_e4m3fn", offload="group")))
+    """fp8 storage is applied (the loader says so) and changes the video: a run that ignored it would match bf16."""
+    fp8 = comfy_server.run(i2v_prompt(dtype="fp8_e4m3fn", offload="group", seed=5))
+    _success(fp8)
+    info = fp8["outputs"]["2"]["text"][0]
+    assert "WanTransformer3DModel: fp8 storage" in info and "UMT5EncoderModel: fp8 storage" in info, info
+    bf16 = comfy_server.run(i2v_prompt(dtype="bf16", offload="group", seed=5))
+    _success(bf16)
+    assert [f.tobytes() for f in _frames(comfy_server, fp8)] != [f.tobytes() for f in _frames(comfy_server, bf16)]
 
 
 def test_progress_event_arrives_for_every_step(comfy_server):

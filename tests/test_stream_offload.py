@@ -7,7 +7,7 @@ import torch
 
 from vramwise.errors import InputError
 from vramwise.offload.cfg_batching import CfgBatcher
-from vramwise.offload.stream import StreamOffload, repeated_blocks
+from vramwise.offload.stream import StreamOffload, StreamSettings, repeated_blocks
 
 
 def _tiny_transformer(root, layers=None):
@@ -36,7 +36,7 @@ def _inputs(seed=0):
 def test_prefetch_order_and_slot_reuse(tiny_models_root):
     model = _tiny_transformer(tiny_models_root, layers=5)
     x, t, ctx, _, img = _inputs()
-    eng = StreamOffload(model, torch.device("cpu"), depth=1, trace=True)
+    eng = StreamOffload(model, torch.device("cpu"), StreamSettings(depth=1), trace=True)
     assert len(repeated_blocks(model)) == 5
     model(x, t, ctx, img)
     slots = [s.data_ptr() for s in eng._slots]
@@ -56,7 +56,7 @@ def test_outputs_identical_to_the_unoffloaded_model(tiny_models_root, depth):
     model = _tiny_transformer(tiny_models_root, layers=4)
     x, t, ctx, _, img = _inputs(1)
     ref = model(x, t, ctx, img, return_dict=False)[0]
-    eng = StreamOffload(model, torch.device("cpu"), depth=depth, ffn_chunk_tokens=16)
+    eng = StreamOffload(model, torch.device("cpu"), StreamSettings(depth=depth, ffn_chunk_tokens=16))
     for _ in range(2):
         out = model(x, t, ctx, img, return_dict=False)[0]
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
@@ -71,7 +71,7 @@ def test_fp8_storage_halves_host_bytes_and_stays_close(tiny_models_root):
     x, t, ctx, _, img = _inputs(2)
     ref = model(x, t, ctx, img, return_dict=False)[0]
     plain = StreamOffload(_tiny_transformer(tiny_models_root), torch.device("cpu")).block_bytes
-    eng = StreamOffload(model, torch.device("cpu"), fp8_linear=True)
+    eng = StreamOffload(model, torch.device("cpu"), StreamSettings(fp8_linear=True))
     assert eng.block_bytes < plain
     out = model(x, t, ctx, img, return_dict=False)[0]
     assert (out - ref).norm() / ref.norm() < 0.1
@@ -131,6 +131,6 @@ def test_cfg_batching_falls_back_to_two_passes_on_oom(tiny_models_root):
 def test_pinned_memory_cap_is_refused_naming_offload_mode(tiny_models_root):
     model = _tiny_transformer(tiny_models_root)
     with pytest.raises(InputError) as err:
-        StreamOffload(model, torch.device("cpu"), pinned_cap_bytes=1024)
+        StreamOffload(model, torch.device("cpu"), StreamSettings(pinned_cap_bytes=1024))
     assert err.value.input_name == "offload_mode"
     assert "GiB" in str(err.value) and "fp8" in str(err.value)

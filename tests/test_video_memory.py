@@ -8,6 +8,7 @@ integer copies), and the process's peak RSS in a fresh interpreter (Linux only).
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -127,5 +128,18 @@ def test_free_heap_is_released_after_every_chunk(monkeypatch):
     assert chunks == 3 and len(calls) == 3
 
 
-def test_release_free_heap_is_safe_to_call():
-    frames_module.release_free_heap()  # glibc: malloc_trim; elsewhere a no-op
+def test_release_free_heap_is_safe_to_call(monkeypatch):
+    """glibc: malloc_trim(0) is called (the real one, here, when the C library has it); without it, nothing."""
+    calls = []
+    monkeypatch.setattr(frames_module, "_malloc_trim", lambda: calls.append)
+    frames_module.release_free_heap()
+    assert calls == [0]
+    monkeypatch.setattr(frames_module, "_malloc_trim", lambda: None)
+    frames_module.release_free_heap()
+    assert calls == [0]
+    monkeypatch.undo()
+    trim = frames_module._malloc_trim()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert trim is not None, "glibc Linux exposes malloc_trim"
+        assert trim(0) in (0, 1)  # 1: memory was released, 0: none to release
+    frames_module.release_free_heap()

@@ -112,7 +112,7 @@ def decode_latents(
             use_tiles = True
             retries.append(f"out of memory decoding {was}: retried tiled {tile}px/{overlap}px overlap")
         finally:
-            loaded.release_hooks()
+            loaded.placement.release()
             release_memory(loaded.device)
     how = f"tiled {tile}px/{overlap}px overlap" if use_tiles else "untiled"
     note = f"decoded {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, {how} ({why})"

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 
+from .offload.placement import Placement
+
 if TYPE_CHECKING:
     from .families.base import Family
     from .loader import LoadOptions
@@ -46,7 +48,12 @@ class ModelPatch(Protocol):
 
 @dataclass
 class LoadedPipeline:
-    """One diffusers pipeline with the offload/precision plan that was applied to it."""
+    """One diffusers pipeline with the offload/precision plan that was applied to it.
+
+    ``placement`` owns everything this pack did to place ``pipe`` (plan, stream engines, CFG batchers, compile
+    choice, weight patchers); ``placement.release()`` moves what the offload mode lets go of back off the GPU and
+    is called after every run and on errors. A reload (``PipelineCache.revive``) replaces it.
+    """
 
     pipe: Any
     family: "Family"
@@ -54,8 +61,11 @@ class LoadedPipeline:
     device: torch.device
     notes: list[str] = field(default_factory=list)
     released: bool = False
-    # Moves whatever the offload mode lets go of back off the GPU; called after every run and on errors.
-    release_hooks: Callable[[], None] = field(default=lambda: None, repr=False)
+    placement: Placement = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.placement is None:
+            self.placement = Placement(self.device)
 
     @property
     def text_device(self) -> torch.device:

@@ -20,7 +20,8 @@ from .device import allocated_bytes, release_memory
 from .errors import InputError, ModelFolderError, VramwiseError
 from .families import detect_family
 from .handles import LoadedPipeline
-from .offload import OffloadMode, apply_offload
+from .memory import planner
+from .offload import DESCRIPTIONS, OffloadMode, Placement, StreamSettings, apply_offload
 from .precision import DENOISER_FP8_SKIP, TEXT_ENCODER_FP8_SKIP, WeightDtype, apply_fp8_storage
 
 log = logging.getLogger(__name__)
@@ -63,20 +64,38 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             "config.json and *.safetensors weights)."
         ) from e
     notes = [f"{family.label} from '{options.folder.name}'"]
-    denoiser_skip = DENOISER_FP8_SKIP + family.fp8_skip_patterns
-    # The auto planner may switch to fp8 storage later; it reads the family's skip list from here.
-    pipe._vramwise_fp8_skip = denoiser_skip
+    placement = Placement(device=device, fp8_skip=DENOISER_FP8_SKIP + family.fp8_skip_patterns)
     if options.weight_dtype is WeightDtype.FP8_E4M3FN:
-        targets = [(getattr(pipe, n, None), denoiser_skip) for n in family.denoiser_names]
+        targets = [(getattr(pipe, n, None), placement.fp8_skip) for n in family.denoiser_names]
         targets += [(getattr(pipe, n, None), TEXT_ENCODER_FP8_SKIP) for n in family.text_encoder_names]
         notes += apply_fp8_storage(targets, options.weight_dtype.compute_dtype)
+    # Components left where they are by the placers (a CPU text encoder); not the fp8 skip patterns above.
     keep_on_cpu = family.text_encoder_names if options.text_encoder_on_cpu else ()
-    release_hooks, offload_notes = apply_offload(
-        pipe, options.offload_mode, device, family.denoiser_names, keep_on_cpu
-    )
-    return LoadedPipeline(
-        pipe=pipe, family=family, options=options, device=device, notes=notes + offload_notes, release_hooks=release_hooks
-    )
+    mode, settings, auto_notes = options.offload_mode, None, []
+    if mode is OffloadMode.AUTO:
+        mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype)
+    offload_notes = apply_offload(pipe, mode, placement, family.denoiser_names, keep_on_cpu, settings)
+    placement.notes = notes + auto_notes + offload_notes
+    return LoadedPipeline(pipe=pipe, family=family, options=options, device=device, notes=list(placement.notes),
+                          placement=placement)
+
+
+def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement,
+                  weight_dtype: WeightDtype) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
+    """Ask the planner for a plan and turn it into a concrete mode (fp8 storage applied here when it asks)."""
+    est = planner.plan_for_load(pipe, denoisers, placement.device)
+    placement.plan = est
+    plan = est.plan
+    notes = [f"offload auto: {DESCRIPTIONS[OffloadMode.AUTO]}"]
+    if plan.offload == "stream":
+        return OffloadMode.STREAM, StreamSettings(fp8_linear=plan.fp8, cfg_batching=plan.cfg_batch), notes
+    if plan.fp8 and weight_dtype is not WeightDtype.FP8_E4M3FN:
+        # Sequential with fp8 storage: the family's precision-critical layers stay in compute precision. The
+        # compute dtype is the loaded one: a model's first parameter can be an fp32 one (Wan's scale_shift_table),
+        # and computing in fp32 then failed at the first bf16 layer.
+        dens = [getattr(pipe, n, None) for n in denoisers]
+        notes += apply_fp8_storage([(d, placement.fp8_skip) for d in dens], weight_dtype.compute_dtype)
+    return OffloadMode(plan.offload), None, notes
 
 
 def _drop(loaded: LoadedPipeline) -> None:
@@ -84,7 +103,7 @@ def _drop(loaded: LoadedPipeline) -> None:
     if loaded.released:
         return
     try:
-        loaded.release_hooks()
+        loaded.placement.release()
     finally:
         loaded.pipe = None
         loaded.released = True
@@ -135,7 +154,10 @@ class PipelineCache:
             if before_load is not None:
                 before_load()
             fresh = load_pipeline(loaded.options, loaded.device)
-            loaded.pipe, loaded.notes, loaded.release_hooks = fresh.pipe, fresh.notes, fresh.release_hooks
+            # The loader node's compile choice carries over to the new placement.
+            if loaded.placement.compile_choice is not None:
+                fresh.placement.set_compile(loaded.placement.compile_choice)
+            loaded.pipe, loaded.notes, loaded.placement = fresh.pipe, fresh.notes, fresh.placement
             loaded.released = False
             return loaded
 

@@ -110,7 +110,7 @@ def generate(
     finally:
         for detach in reversed(detachers):
             detach()
-        loaded.release_hooks()
+        loaded.placement.release()
         release_memory(loaded.device)
     if not torch.isfinite(latents).all():
         raise SamplingError(

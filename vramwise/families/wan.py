@@ -86,7 +86,7 @@ class _WanFamily(Family):
             )
         if negative_embeds is not None:
             # Lets the stream engine batch both CFG passes from the very first step.
-            for batcher in getattr(pipe, "_vramwise_cfg_batchers", ()):
+            for batcher in loaded.placement.cfg_batchers:
                 batcher.set_negative(negative_embeds.to(loaded.device))
         kwargs: dict[str, Any] = dict(
             image=request.image,

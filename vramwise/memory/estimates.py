@@ -19,7 +19,7 @@ import torch
 
 ACT_BYTES_PER_TOKEN_HIDDEN_EAGER = 21.6
 ACT_BYTES_PER_TOKEN_HIDDEN_COMPILED = 11.8
-# Lean chunked forward (memory/lean_wan.py): the whole-sequence tensors alive in a block are the hidden states
+# Lean chunked forward (offload/lean_wan.py): the whole-sequence tensors alive in a block are the hidden states
 # (updated in place) plus keys and values, plus one chunk's temporaries (4,096 rows). Measured on an H200
 # (bench/RESULTS.md, "Offload engine", round 2): 81 frames 3.85 GiB eager / 3.67 compiled, 33 frames 2.75 / 2.56,
 # for slots 1.5 GiB + this term. The non-block weights (mostly the condition embedder) are on the GPU only before

@@ -19,7 +19,7 @@ from . import planner
 log = logging.getLogger(__name__)
 
 
-def drop_scheduler_state(pipe) -> None:
+def drop_scheduler_state(pipe, to: torch.device = torch.device("cpu")) -> None:
     """Move the scheduler's per-run tensors (multistep schedulers keep the last model outputs and sample, the
     size of the latents each) off the GPU, so nothing of a finished, failed or cancelled run stays there.
     The next run's ``set_timesteps`` rebuilds them."""
@@ -27,10 +27,10 @@ def drop_scheduler_state(pipe) -> None:
     if scheduler is None:
         return
     for name, value in list(vars(scheduler).items()):
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            setattr(scheduler, name, value.cpu())
-        elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in value):
-            setattr(scheduler, name, [v.cpu() if isinstance(v, torch.Tensor) else v for v in value])
+        if isinstance(value, torch.Tensor) and value.device != to:
+            setattr(scheduler, name, value.to(to))
+        elif isinstance(value, list) and any(isinstance(v, torch.Tensor) and v.device != to for v in value):
+            setattr(scheduler, name, [v.to(to) if isinstance(v, torch.Tensor) else v for v in value])
 
 
 class _EncoderOOM(Exception):
@@ -90,7 +90,7 @@ def generate_with_plan(
     report: list[str] = []
 
     def current_plan() -> planner.Plan:
-        est = planner.plan_of(loaded.pipe) if loaded.pipe is not None else None
+        est = loaded.placement.plan if loaded.pipe is not None else None
         if est is not None:
             return est.plan
         return planner.Plan(loaded.options.offload_mode.value, fp8=loaded.options.weight_dtype.value.startswith("fp8"))
@@ -100,12 +100,7 @@ def generate_with_plan(
         free_others()
 
     def revive() -> None:
-        cache.revive(loaded, before_load=free_others)
-        choice = getattr(loaded, "compile_choice", None)  # set by the loader node
-        if choice is not None and loaded.pipe is not None:
-            from ..offload.stream import apply_compile
-
-            apply_compile(loaded.pipe, choice)
+        cache.revive(loaded, before_load=free_others)  # carries the placement's compile choice over
 
     def step_down(plan: planner.Plan) -> None:
         planner.set_floor(key, plan)
@@ -120,7 +115,7 @@ def generate_with_plan(
         shape = planner.RunShape(run.latent_frames, run.latent_height, run.latent_width, run.do_cfg,
                                  merging is not None)
         comp = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
-        compiled = any(getattr(e, "compiled", False) for e in getattr(loaded.pipe, "_vramwise_stream", ()))
+        compiled = loaded.placement.compiled
         est = planner.estimate(current_plan(), comp, shape, compiled)
         if auto and loaded.device.type == "cuda":
             budget = planner.vram_budget(loaded.device, vram_budget_gb or None, headroom_gb)
@@ -170,7 +165,7 @@ def generate_with_plan(
                 free_all()
                 loaded.options = dataclasses.replace(loaded.options, text_encoder_on_cpu=True)
                 if not loaded.released:
-                    loaded.release_hooks()
+                    loaded.placement.release()
                     loaded.released = True
                     loaded.pipe = None
                 revive()

@@ -3,6 +3,9 @@
 Plans, fastest first (each later one needs less VRAM):
   none (everything resident) -> stream bf16 (CFG batched) -> stream fp8 -> stream fp8 with CFG passes one after
   the other -> sequential fp8. VAE tiling is the decode's own step-down (``decode.TilingMode.AUTO``).
+
+The loader asks ``plan_for_load`` which plan to place for ``offload_mode`` auto and keeps the estimate on the
+model's ``Placement``; the offload mechanisms never import this module.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from ..device import is_oom
+from ..architectures import architecture_of
+from ..device import host_available_bytes, is_oom
 from ..errors import VramwiseError
+from ..offload.components import components
+from ..offload.stream import repeated_blocks
+from ..precision import module_bytes
 from .estimates import (FIXED_OVERHEAD, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
                         lean_activation_bytes, token_merge_extra_bytes, tokens)
 
@@ -55,7 +62,7 @@ class RunShape:
     token_merge: bool = False  # a DiT token-merge patch is active (merged key/value groups, bigger attention)
 
 
-# Wan defaults: 480x832, 81 frames -> latent 21 x 60 x 104
+# Wan defaults: 480x832, 81 frames -> latent 21 x 60 x 104 (for a denoiser without an architecture description)
 DEFAULT_RUN = RunShape(21, 60, 104, True)
 
 
@@ -244,10 +251,6 @@ def run_with_step_down(
 
 # ---- components of a loaded pipeline ---------------------------------------------------------------------------
 def components_of(pipe: Any, denoiser_names: Iterable[str]) -> Components:
-    from ..offload.modes import components
-    from ..offload.stream import repeated_blocks
-    from ..precision import module_bytes
-
     dens = []
     others = {}
     denoiser_names = set(denoiser_names)
@@ -260,49 +263,30 @@ def components_of(pipe: Any, denoiser_names: Iterable[str]) -> Components:
     return Components(tuple(dens), others, vae_peak)
 
 
-def default_run_for(pipe: Any) -> RunShape:
+def default_run_for(pipe: Any, denoiser_names: Iterable[str] = ("transformer",)) -> RunShape:
+    """The run a plan is sized for at load time: the first denoiser's architecture default (the real request
+    is checked again when it comes, in ``planned_run``)."""
+    for name in denoiser_names:
+        arch = architecture_of(getattr(pipe, name, None))
+        if arch is not None:
+            return RunShape(*arch.default_latent, True)
     return DEFAULT_RUN
 
 
-def place_auto(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
-    """OffloadMode.AUTO: choose a plan for the default run size and the free memory now, then place for it."""
-    from ..device import host_available_bytes
-    from ..offload.modes import PLACERS, OffloadMode
-    from ..offload.stream import StreamSettings, place_stream
-
-    denoisers = tuple(denoisers)
+def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device) -> Estimate:
+    """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors)."""
+    denoisers = tuple(denoiser_names)
     comp = components_of(pipe, denoisers)
-    key = str(getattr(pipe, "name_or_path", "") or id(pipe))
-    floor = floor_for(key)
+    floor = floor_for(key_of(pipe))
+    run = default_run_for(pipe, denoisers)
     if device.type != "cuda":
         # CPU: exercise the first offloading plan the model allows (stream where it has repeated blocks)
         plan = next(p for p in PLANS[max(floor, 1):] if comp.allows(p))
-        est = estimate(plan, comp, default_run_for(pipe))
-    else:
-        try:
-            est = choose(comp, default_run_for(pipe), vram_budget(device), host_available_bytes(), floor)
-        except NothingFits:
-            est = estimate(PLANS[-1], comp, default_run_for(pipe))
-    plan = est.plan
-    pipe._vramwise_plan = est
-    if plan.offload == "stream":
-        return place_stream(pipe, device, skip, denoisers,
-                            settings=StreamSettings(fp8_linear=plan.fp8, cfg_batching=plan.cfg_batch))
-    if plan.offload == "sequential":
-        if plan.fp8:
-            from ..precision import DENOISER_FP8_SKIP, apply_fp8_storage
-
-            dtype = next((p.dtype for p in getattr(pipe, denoisers[0]).parameters()), torch.bfloat16)
-            if dtype not in (torch.float8_e4m3fn,):
-                # The loader records the family's own precision-critical layers on the pipeline.
-                skip = getattr(pipe, "_vramwise_fp8_skip", DENOISER_FP8_SKIP)
-                apply_fp8_storage([(getattr(pipe, n, None), skip) for n in denoisers], dtype)
-        return PLACERS[OffloadMode.SEQUENTIAL](pipe, device, skip, denoisers)
-    return PLACERS[OffloadMode(plan.offload)](pipe, device, skip, denoisers)
-
-
-def plan_of(pipe: Any) -> Estimate | None:
-    return getattr(pipe, "_vramwise_plan", None)
+        return estimate(plan, comp, run)
+    try:
+        return choose(comp, run, vram_budget(device), host_available_bytes(), floor)
+    except NothingFits:
+        return estimate(PLANS[-1], comp, run)
 
 
 def key_of(pipe: Any) -> str:
@@ -310,5 +294,5 @@ def key_of(pipe: Any) -> str:
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
-           "token_merge_conflict",
-           "run_with_step_down", "place_auto", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]
+           "token_merge_conflict", "plan_for_load", "components_of", "key_of",
+           "run_with_step_down", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]

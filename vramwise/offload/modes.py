@@ -1,17 +1,24 @@
 """Where each pipeline component lives between uses, one function per offload mode.
 
 Every mode runs on a machine without CUDA too (the CPU is then both the compute and the storage device), so
-CPU tests exercise the same hooks users get on a GPU.
+CPU tests exercise the same hooks users get on a GPU. A placer records what it did (what to release after a run)
+on the ``Placement`` it is handed. ``auto`` has no placer: the loader asks the planner for a plan and applies the
+concrete mode it names; mechanisms never import the planner.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
 from ..errors import InputError
+from .components import components
+from .stream import place_stream
+
+if TYPE_CHECKING:
+    from .placement import Placement
 
 
 class OffloadMode(str, Enum):
@@ -44,22 +51,12 @@ DESCRIPTIONS: dict[OffloadMode, str] = {
 }
 
 
-def components(pipe: Any, skip: Iterable[str] = ()) -> list[tuple[str, torch.nn.Module]]:
-    """The pipeline's torch modules in the order the pipeline uses them, minus ``skip``."""
-    skip = set(skip)
-    order = [n for n in getattr(pipe, "model_cpu_offload_seq", "").split("->") if n]
-    mods = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module) and n not in skip}
-    ordered = [n for n in order if n in mods] + [n for n in mods if n not in order]
-    return [(n, mods[n]) for n in ordered]
-
-
-def place_resident(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+def place_resident(pipe: Any, placement: "Placement", skip: Iterable[str], denoisers: Iterable[str]) -> None:
     for _, module in components(pipe, skip):
-        module.to(device)
-    return lambda: None
+        module.to(placement.device)
 
 
-def place_model_offload(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+def place_model_offload(pipe: Any, placement: "Placement", skip: Iterable[str], denoisers: Iterable[str]) -> None:
     """Chain accelerate hooks so each component evicts the previous one when it starts.
 
     diffusers' own ``enable_model_cpu_offload`` would move an excluded text encoder onto the GPU, and it re-runs
@@ -67,6 +64,7 @@ def place_model_offload(pipe: Any, device: torch.device, skip: Iterable[str], de
     """
     from accelerate import cpu_offload_with_hook
 
+    device = placement.device
     hooks = []
     previous = None
     for _, module in components(pipe, skip):
@@ -77,12 +75,13 @@ def place_model_offload(pipe: Any, device: torch.device, skip: Iterable[str], de
         for hook in hooks:
             hook.offload()
 
-    return offload_all
+    placement.on_release(offload_all)
 
 
-def place_group_offload(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+def place_group_offload(pipe: Any, placement: "Placement", skip: Iterable[str], denoisers: Iterable[str]) -> None:
     from diffusers.hooks import apply_group_offloading
 
+    device = placement.device
     use_stream = device.type == "cuda"
     denoisers = set(denoisers)
     for name, module in components(pipe, skip):
@@ -107,36 +106,20 @@ def place_group_offload(pipe: Any, device: torch.device, skip: Iterable[str], de
                 use_stream=use_stream,
                 non_blocking=use_stream,
             )
-    return lambda: None
 
 
-def place_sequential(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str]) -> Callable[[], None]:
+def place_sequential(pipe: Any, placement: "Placement", skip: Iterable[str], denoisers: Iterable[str]) -> None:
     from accelerate import cpu_offload
 
     for _, module in components(pipe, skip):
-        cpu_offload(module, execution_device=device)
-    return lambda: None
+        cpu_offload(module, execution_device=placement.device)
 
 
-PLACERS: dict[OffloadMode, Callable[..., Callable[[], None]]] = {
+# ``placer(pipe, placement, skip, denoisers)``: ``skip`` names components left where they are (a CPU text encoder).
+PLACERS: dict[OffloadMode, Callable[..., None]] = {
     OffloadMode.NONE: place_resident,
     OffloadMode.MODEL: place_model_offload,
     OffloadMode.GROUP: place_group_offload,
     OffloadMode.SEQUENTIAL: place_sequential,
+    OffloadMode.STREAM: place_stream,
 }
-
-
-def _register_stream() -> None:
-    from .stream import place_stream
-
-    PLACERS[OffloadMode.STREAM] = place_stream
-
-    def place_auto(*args, **kwargs):
-        from ..memory.planner import place_auto as planner_place_auto
-
-        return planner_place_auto(*args, **kwargs)
-
-    PLACERS[OffloadMode.AUTO] = place_auto
-
-
-_register_stream()

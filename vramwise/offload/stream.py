@@ -14,9 +14,14 @@ How it works
 - The work is done by forward pre/post hooks on each block (block boundaries only): the blocks' own forward is
   untouched and may be compiled.
 - On a machine without CUDA the same scheduler runs with synchronous copies, so the ordering logic is testable.
+- Which blocks stream, which modules are transient and which lean forward applies come from the model's
+  ``architectures`` description; the lean chunked forward itself is ``lean_wan``.
+- Run-scoped weight patchers (``Placement.weight_patchers``) see each block once its slot is filled
+  (``on_block_resident``); with none, nothing extra runs.
 
 The placer also wraps each denoiser in a ``cfg_batching.CfgBatcher``, so both classifier-free-guidance passes
-of a step run as one batch-2 forward and each block crosses PCIe once per denoising step instead of twice.
+of a step run as one batch-2 forward and each block crosses PCIe once per denoising step instead of twice. What it
+built is recorded on the ``Placement`` it is handed, never on the pipeline.
 """
 
 from __future__ import annotations
@@ -24,13 +29,22 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
+from ..architectures import architecture_of
 from ..device import host_available_bytes
 from ..errors import InputError
+from ..precision import module_bytes
 from .cfg_batching import CfgBatcher
+from .compile import compile_available, resolve_compile
+from .lean_wan import DEFAULT_CHUNK_ROWS, LEAN_FORWARDS
+from .components import components
+
+if TYPE_CHECKING:
+    from .lean_wan import LeanWan
+    from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +52,28 @@ _ALIGN = 256  # bytes; every tensor in a flat buffer starts on this boundary
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 # Share of MemAvailable (plus what the blocks already hold) that may be pinned.
 PINNED_SHARE = 0.85
-# Non-block modules copied in only while they run (see StreamOffload.transient).
-TRANSIENT_MODULES = ("condition_embedder",)
+# Non-denoiser components bigger than this (UMT5-XXL, ~11 GB) stream layer by layer while they run instead of
+# moving to the GPU whole, so the stream plans fit cards smaller than the text encoder.
+STREAM_OTHERS_ABOVE = 4 * 2**30
+
+
+@dataclass
+class StreamSettings:
+    """How ``place_stream`` and each ``StreamOffload`` engine run (the engine reads the first eight)."""
+
+    fp8_linear: bool = False
+    depth: int | None = None  # blocks prefetched ahead; None: measured on the first forward of a run
+    max_depth: int = 3
+    pinned_cap_bytes: int | None = None
+    ffn_chunk_tokens: int | None = 8192  # stock-forward blocks only; the lean forward chunks everything itself
+    compile_blocks: bool | str = "auto"  # "auto": on with CUDA + Triton (see compile.resolve_compile)
+    lean: bool = True
+    chunk_rows: int | None = None
+    cfg_batching: bool = True
+    stream_others_above: int | None = STREAM_OTHERS_ABOVE
+
+
+SETTINGS = StreamSettings()
 
 
 def _align(n: int) -> int:
@@ -68,8 +102,12 @@ class BlockLayout:
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: outermost instances of the classes named in ``_repeated_blocks`` (or
-    ``_no_split_modules``), in module order; else the members of a ``blocks`` ModuleList."""
+    """The model's repeated blocks: its architecture description's block list; for a model without one, the
+    outermost instances of the classes named in ``_repeated_blocks`` (or ``_no_split_modules``), in module order,
+    else the members of a ``blocks`` ModuleList."""
+    arch = architecture_of(model)
+    if arch is not None:
+        return arch.block_list(model)
     names = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ())
     out: list[torch.nn.Module] = []
     prefixes: list[str] = []
@@ -163,43 +201,41 @@ class _Sync:
 class StreamOffload:
     """Streams one model's repeated blocks through ``depth + 1`` reused device slots.
 
-    ``depth``: blocks prefetched ahead of the one computing; ``None`` measures it on the first forward of a run
-    (transfer time / compute time, capped by ``max_depth``) starting from 1.
+    ``settings.depth``: blocks prefetched ahead of the one computing; ``None`` measures it on the first forward of
+    a run (transfer time / compute time, capped by ``max_depth``) starting from 1. ``weight_patchers``: the
+    placement's list (see ``placement.Placement``), shared, not copied.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         device: torch.device,
+        settings: StreamSettings | None = None,
         *,
-        depth: int | None = None,
-        max_depth: int = 3,
-        fp8_linear: bool = False,
-        pinned_cap_bytes: int | None = None,
-        ffn_chunk_tokens: int | None = None,
         blocks: list[torch.nn.Module] | None = None,
         trace: bool = False,
-        compile_blocks: bool = False,
-        lean: bool = True,
-        chunk_rows: int | None = None,
-        transient: tuple[str, ...] = TRANSIENT_MODULES,
+        weight_patchers: list | None = None,
     ) -> None:
+        s = settings or StreamSettings()
         self.model = model
         self.device = torch.device(device)
         self.blocks = blocks if blocks is not None else repeated_blocks(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no repeated blocks to stream")
-        self.fixed_depth = depth
-        self.depth = depth or 1
-        self.max_depth = max(1, max_depth)
+        arch = architecture_of(model)
+        self.weight_patchers = weight_patchers if weight_patchers is not None else []
+        self.fixed_depth = s.depth
+        self.depth = s.depth or 1
+        self.max_depth = max(1, s.max_depth)
         self.sync = _Sync(self.device)
+        compile_blocks = resolve_compile(s.compile_blocks) and self.sync.cuda
         self.trace_enabled = trace
         self.trace: list[tuple[str, int, int]] = []
         self.on_activate: Callable[[], None] | None = None
         self._index = {id(b): i for i, b in enumerate(self.blocks)}
         for b in self.blocks:
             _neutralise_layerwise_casting(b)
-        self.layouts = [plan_layout(b, fp8_linear) for b in self.blocks]
+        self.layouts = [plan_layout(b, s.fp8_linear) for b in self.blocks]
         self.block_bytes = sum(l.nbytes for l in self.layouts)
         self.slot_bytes = max(l.nbytes for l in self.layouts)
         self.compute_dtype = self._compute_dtype()
@@ -207,27 +243,27 @@ class StreamOffload:
         # Modules outside the blocks that run once per forward before the blocks (Wan's condition embedder,
         # ~0.5 GiB at 14B): held on the host and copied in only while they run, so they are not part of the peak.
         block_ids = {id(b) for b in self.blocks}
+        transient = arch.transient_modules if arch is not None else ()
         self.transient = [m for m in (getattr(model, n, None) for n in transient)
                           if isinstance(m, torch.nn.Module) and id(m) not in block_ids]
         self.transient_layouts = [plan_layout(m) for m in self.transient]
-        self._check_host(pinned_cap_bytes)
+        self._check_host(s.pinned_cap_bytes)
         self._pack()
         self._handles: list[Any] = []
         self._ffn_originals: list[tuple[torch.nn.Module, bool]] = []
         self.lean: LeanWan | None = None
-        if lean:
-            from ..memory.lean_wan import DEFAULT_CHUNK_ROWS, LeanWan
-
-            candidate = LeanWan(model, self.blocks, self.compute_dtype, chunk_rows or DEFAULT_CHUNK_ROWS,
-                                compiled=compile_blocks and self.sync.cuda)
+        lean_cls = LEAN_FORWARDS.get(arch.lean_forward) if arch is not None and arch.lean_forward else None
+        if s.lean and lean_cls is not None:
+            candidate = lean_cls(model, self.blocks, self.compute_dtype, s.chunk_rows or DEFAULT_CHUNK_ROWS,
+                                 compiled=compile_blocks, weight_patchers=self.weight_patchers)
             if candidate.blocks or candidate.model_forward:
                 self.lean = candidate
             else:
                 candidate.remove()
-        if ffn_chunk_tokens:
-            self._chunk_ffn(int(ffn_chunk_tokens))
+        if s.ffn_chunk_tokens:
+            self._chunk_ffn(int(s.ffn_chunk_tokens))
         self._compiled: list[torch.nn.Module] = []
-        if compile_blocks and self.sync.cuda:
+        if compile_blocks:
             self._compile_blocks()
         # run state
         self.active = False
@@ -236,6 +272,7 @@ class StreamOffload:
         self._slot_of: dict[int, int] = {}  # block index -> slot
         self._occupant: list[int | None] = []
         self._ready: dict[int, Any] = {}  # block index -> copy-done event
+        self._fresh: set[int] = set()  # blocks copied into their slot and not yet shown to the weight patchers
         self._next_slot = 0
         self._upcast: torch.Tensor | None = None
         self._measure: list[tuple[Any, Any]] | None = None
@@ -391,6 +428,7 @@ class StreamOffload:
         self._occupant = [None] * n_slots
         self._slot_of.clear()
         self._ready.clear()
+        self._fresh.clear()
         self._next_slot = 0
         self._upcast = None  # allocated on first need (blocks the lean forward covers stay fp8)
         self.active = True
@@ -409,6 +447,7 @@ class StreamOffload:
         self._slots, self._slot_free, self._occupant = [], [], []
         self._slot_of.clear()
         self._ready.clear()
+        self._fresh.clear()
         self._upcast = None
         self._move_resident(torch.device("cpu"))
         self.active = False
@@ -424,6 +463,7 @@ class StreamOffload:
             self._ready.pop(old, None)
         self._occupant[slot] = i
         self._slot_of[i] = slot
+        self._fresh.add(i)
         layout = self.layouts[i]
         dst = self._slots[slot][:layout.nbytes]
         if self.sync.cuda:
@@ -446,7 +486,8 @@ class StreamOffload:
         if self.trace_enabled:
             self.trace.append(("load", i, slot))
 
-    def _bind(self, i: int) -> None:
+    def _bind(self, i: int) -> bool:
+        """Point block ``i`` at its slot; True when its compute weights were rebuilt (fp8 upcast buffer)."""
         slot = self._slot_of[i]
         layout = self.layouts[i]
         flat = self._slots[slot]
@@ -462,6 +503,7 @@ class StreamOffload:
                 _set(e, up[e.offset:e.offset + e.numel].view(e.shape))
             else:
                 _set(e, _view(flat, e))
+        return bool(layout.fp8_numel and not keep_fp8)
 
     def _transient_in(self, layout: BlockLayout) -> None:
         if not self.active or self.device.type == "cpu":
@@ -482,7 +524,13 @@ class StreamOffload:
         i = self._index[id(block)]
         if i not in self._slot_of:
             self._issue(i)
-        self._bind(i)
+        rebuilt = self._bind(i)
+        if self.weight_patchers and (rebuilt or i in self._fresh):
+            # On the compute stream, after the copy-done wait in _bind: edits land in the slot (or the upcast
+            # buffer), so they vanish when it is refilled; the host buffer is never touched.
+            for patcher in self.weight_patchers:
+                patcher.on_block_resident(i, block)
+        self._fresh.discard(i)
         if self.trace_enabled:
             self.trace.append(("run", i, self._slot_of[i]))
         n = len(self.blocks)
@@ -560,73 +608,14 @@ class StreamOffload:
 
 
 # ---- placer -----------------------------------------------------------------------------------------------------
-def compile_available() -> bool:
-    """Regional compilation needs a CUDA device and Triton (inductor's GPU code generator)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing or broken Triton: run eager
-        return False
-    return True
-
-
-def resolve_compile(choice: str | bool | None) -> bool:
-    """``auto``/None: on where it can work (CUDA + Triton); ``on``/``off`` as asked (never on the CPU)."""
-    if isinstance(choice, bool):
-        return choice and torch.cuda.is_available()
-    if choice in (None, "auto"):
-        return compile_available()
-    return choice == "on" and torch.cuda.is_available()
-
-
-def apply_compile(pipe: Any, choice: str | bool | None) -> str | None:
-    """Set regional compilation on a placed pipeline's stream engines; a note for the user (None: no engines)."""
-    engines = getattr(pipe, "_vramwise_stream", None) or []
-    if not engines:
-        return None
-    on = resolve_compile(choice)
-    for eng in engines:
-        eng.set_compile(on)
-    if on:
-        return ("compile: denoiser blocks compiled with torch.compile (the first run at a new size spends ~20-60 s "
-                "compiling, later steps are faster)")
-    why = "" if choice == "off" else " (needs a CUDA GPU and Triton)"
-    return f"compile: off{why}, denoiser runs eager"
-
-
-# Non-denoiser components bigger than this (UMT5-XXL, ~11 GB) stream layer by layer while they run instead of
-# moving to the GPU whole, so the stream plans fit cards smaller than the text encoder.
-STREAM_OTHERS_ABOVE = 4 * 2**30
-
-
-@dataclass
-class StreamSettings:
-    fp8_linear: bool = False
-    depth: int | None = None
-    max_depth: int = 3
-    pinned_cap_bytes: int | None = None
-    ffn_chunk_tokens: int | None = 8192  # stock-forward blocks only; the lean forward chunks everything itself
-    cfg_batching: bool = True
-    compile_blocks: bool | str = "auto"  # "auto": on with CUDA + Triton (see resolve_compile)
-    lean: bool = True
-    chunk_rows: int | None = None
-    stream_others_above: int | None = STREAM_OTHERS_ABOVE
-
-
-SETTINGS = StreamSettings()
-
-
-def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers: Iterable[str],
-                 settings: StreamSettings | None = None) -> Callable[[], None]:
-    """Denoisers: streamed blocks + resident rest + CFG batching. Other components: moved on while they run."""
+def place_stream(pipe: Any, placement: "Placement", skip: Iterable[str], denoisers: Iterable[str],
+                 settings: StreamSettings | None = None) -> None:
+    """Denoisers: streamed blocks + resident rest + CFG batching. Other components: moved on while they run.
+    The engines and batchers go to ``placement`` (``stream_engines``, ``cfg_batchers``), with their release."""
     SETTINGS = settings or globals()["SETTINGS"]
     from accelerate import cpu_offload_with_hook
 
-    from .modes import components
-
-    from ..precision import module_bytes
-
+    device = placement.device
     denoisers = set(denoisers)
     engines: list[StreamOffload] = []
     batchers: list[CfgBatcher] = []
@@ -654,19 +643,14 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
     for name, module in components(pipe, skip):
         if name not in denoisers:
             continue
-        eng = StreamOffload(
-            module, device, depth=SETTINGS.depth, max_depth=SETTINGS.max_depth, fp8_linear=SETTINGS.fp8_linear,
-            pinned_cap_bytes=SETTINGS.pinned_cap_bytes, ffn_chunk_tokens=SETTINGS.ffn_chunk_tokens,
-            compile_blocks=resolve_compile(SETTINGS.compile_blocks) and device.type == "cuda", lean=SETTINGS.lean,
-            chunk_rows=SETTINGS.chunk_rows,
-        )
+        eng = StreamOffload(module, device, SETTINGS, weight_patchers=placement.weight_patchers)
         eng.on_activate = offload_others
         engines.append(eng)
         if SETTINGS.cfg_batching:
             batchers.append(CfgBatcher(module))
-    pipe._vramwise_stream = engines
+    placement.stream_engines.extend(engines)
     # The family hands the negative prompt embeddings to these, so the first step is batched too.
-    pipe._vramwise_cfg_batchers = batchers
+    placement.cfg_batchers.extend(batchers)
 
     def release() -> None:
         for hook in hooks:
@@ -676,8 +660,8 @@ def place_stream(pipe: Any, device: torch.device, skip: Iterable[str], denoisers
         for b in batchers:
             b.reset()
 
-    return release
+    placement.on_release(release)
 
 
-__all__ = ["StreamOffload", "place_stream", "StreamSettings", "SETTINGS", "repeated_blocks", "compile_available",
-           "resolve_compile", "apply_compile"]
+__all__ = ["StreamOffload", "place_stream", "StreamSettings", "SETTINGS", "STREAM_OTHERS_ABOVE", "repeated_blocks",
+           "compile_available", "resolve_compile"]

@@ -19,6 +19,7 @@ import torch
 
 import torch.nn.functional as F
 
+from ..architectures import architecture_of
 from .attention import default_impl, prepare_kernels, size_grouped_attention
 from .pairing import Grid, pair_layout, plan_pairs
 
@@ -44,17 +45,10 @@ class MergeState:
     calls: int = 0  # attention calls that merged (for tests and notes)
 
 
-def _class_names(obj: Any) -> set[str]:
-    return {c.__name__ for c in type(obj).__mro__}
-
-
 def dit_kind(denoiser: torch.nn.Module) -> str | None:
-    names = _class_names(denoiser)
-    if "WanTransformer3DModel" in names:
-        return "wan"
-    if "EasyAnimateTransformer3DModel" in names:
-        return "easyanimate"
-    return None
+    """The denoiser's architecture name when this module has a merging processor for it (``_REPLACEMENTS``)."""
+    arch = architecture_of(denoiser)
+    return arch.name if arch is not None and arch.name in _REPLACEMENTS else None
 
 
 def _impl(state: MergeState, device: torch.device) -> str:
@@ -271,26 +265,20 @@ class EasyAnimateTokenMergeProcessor:
 
 # ----------------------------------------------------------------------------- attach / detach
 
-_STOCK_PROCESSORS = {"wan": "WanAttnProcessor", "easyanimate": "EasyAnimateAttnProcessor2_0"}
+# The merging processor per architecture (architectures.DenoiserArchitecture.name); the block list, the
+# self-attention module and the stock processor it replaces come from the architecture description.
 _REPLACEMENTS = {"wan": WanTokenMergeProcessor, "easyanimate": EasyAnimateTokenMergeProcessor}
 
 
 def self_attention_modules(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention module of every block, in order."""
-    kind = dit_kind(denoiser)
-    if kind == "wan":
-        return [blk.attn1 for blk in denoiser.blocks]
-    if kind == "easyanimate":
-        return [blk.attn1 for blk in denoiser.transformer_blocks]
-    raise ValueError(f"{type(denoiser).__name__} is not a supported video DiT")
+    if dit_kind(denoiser) is None:
+        raise ValueError(f"{type(denoiser).__name__} is not a supported video DiT")
+    return architecture_of(denoiser).self_attention_modules(denoiser)
 
 
 def _grid_hook(denoiser: torch.nn.Module, kind: str, state: MergeState) -> Callable[..., None]:
-    patch = denoiser.config.patch_size
-    if kind == "wan":
-        pt, ph, pw = patch
-    else:
-        pt, ph, pw = 1, patch, patch
+    pt, ph, pw = architecture_of(denoiser).patch_thw(denoiser)
     head_dim = int(denoiser.config.attention_head_dim)
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -343,11 +331,12 @@ def patch_dit(denoiser: torch.nn.Module, settings: DitMergeSettings) -> DitPatch
     first = max(0, settings.skip_first_blocks)
     last = len(modules) - max(0, settings.skip_last_blocks)
     replacement = _REPLACEMENTS[kind]
+    stock = architecture_of(denoiser).self_attention_processor
     for i in range(first, last):
         module = modules[i]
         original = module.processor
         # Only the stock processor is replaced: another patch's processor is left alone (its math is unknown).
-        if type(original).__name__ != _STOCK_PROCESSORS[kind]:
+        if type(original).__name__ != stock:
             handle.skipped.append(i)
             continue
         module.set_processor(replacement(original, state))

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..architectures import WAN
 from ..token_merge.attention import size_grouped_attention
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -204,8 +205,12 @@ class LeanWan:
     """Installs the lean forward on a Wan transformer and its blocks; ``remove`` restores the stock ones."""
 
     def __init__(self, model: torch.nn.Module, blocks: list[torch.nn.Module], compute_dtype: torch.dtype,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, compiled: bool = False) -> None:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, compiled: bool = False,
+                 weight_patchers: list | None = None) -> None:
         self.model = model
+        # The placement's run-scoped weight patchers (the same list object: patches come and go between runs).
+        self.weight_patchers = weight_patchers if weight_patchers is not None else []
+        self._forwards: dict[int, Callable] = {}  # id(block) -> the lean forward installed on it
         self.compute_dtype = compute_dtype
         self.chunk_rows = max(1, int(chunk_rows))
         self.compiled = False
@@ -229,13 +234,15 @@ class LeanWan:
 
     def covers(self, block: torch.nn.Module) -> bool:
         """Whether ``block``'s next call runs the lean forward (so its fp8 weights may stay fp8)."""
-        return block.__dict__.get("_vramwise_lean") is self and block_supported(block)
+        fwd = self._forwards.get(id(block))
+        return fwd is not None and block.__dict__.get("forward") is fwd and block_supported(block)
 
     def remove(self) -> None:
         for b in self.blocks:
-            b.__dict__.pop("forward", None)
-            b.__dict__.pop("_vramwise_lean", None)
+            if b.__dict__.get("forward") is self._forwards.get(id(b)):
+                del b.forward
         self.blocks.clear()
+        self._forwards.clear()
         if self.model_forward and self.model.__dict__.get("forward") == self._model_forward:
             del self.model.forward
         self.model_forward = False
@@ -245,6 +252,8 @@ class LeanWan:
         w = linear.weight
         if w.dtype.is_floating_point and w.element_size() == 1:  # fp8 storage: upcast for this layer only
             w = w.to(self.compute_dtype)
+        for patcher in self.weight_patchers:
+            w = patcher.transform_weight(linear, w)
         return w, linear.bias
 
     def _chunks(self, batch: int, n: int) -> list[tuple[int, int, int]]:
@@ -263,7 +272,6 @@ class LeanWan:
         return t[:, s:e] if t.dim() == 3 and t.shape[1] == n and n > 1 else t
 
     def _block_forward_for(self, block: torch.nn.Module) -> Callable:
-        block.__dict__["_vramwise_lean"] = self
         stock = type(block).forward.__get__(block)
 
         def forward(hidden_states, encoder_hidden_states, temb, rotary_emb):
@@ -272,6 +280,7 @@ class LeanWan:
             self.stats["lean_blocks"] += 1
             return self._block(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
+        self._forwards[id(block)] = forward
         return forward
 
     def _block(self, blk, x, ehs, temb, rope):
@@ -328,7 +337,7 @@ class LeanWan:
         k_img = v_img = None
         ctx = ehs
         if a2.add_k_proj is not None:
-            n_img = ehs.shape[1] - 512
+            n_img = ehs.shape[1] - WAN.text_tokens
             img, ctx = ehs[:, :n_img], ehs[:, n_img:]
             w, bias = self._w(a2.add_k_proj)
             k_img = _rms(F.linear(img, w, bias), a2.norm_added_k.weight, a2.norm_added_k.eps).unflatten(2, (heads, -1))
@@ -410,4 +419,7 @@ class LeanWan:
         return Transformer2DModelOutput(sample=out)
 
 
-__all__ = ["LeanWan", "block_supported", "model_supported", "DEFAULT_CHUNK_ROWS"]
+# Lean forwards by architecture (architectures.DenoiserArchitecture.lean_forward).
+LEAN_FORWARDS: dict[str, type] = {"wan": LeanWan}
+
+__all__ = ["LeanWan", "LEAN_FORWARDS", "block_supported", "model_supported", "DEFAULT_CHUNK_ROWS"]
