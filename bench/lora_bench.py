@@ -222,7 +222,7 @@ def run_ours(args, device: torch.device, out: Path) -> None:
         if device.type == "cuda":
             from engine_gpu_checks import unplace
 
-            unplace(pipe)
+            unplace(pipe, loaded.placement)
 
 
 def run_comfy(args, device: torch.device, out: Path) -> None:

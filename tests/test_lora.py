@@ -239,3 +239,16 @@ def test_t2v_lora_on_i2v_equals_diffusers_zero_padding(wan21, model32, tmp_path)
     ours = generate(lora_model(model32, (path, 1.0)), tiny_wan_request()).samples
     ref = generate(diffusers_fused(wan21, [(path, 1.0)], fp32=True), tiny_wan_request()).samples
     assert torch.allclose(ours, ref, atol=FP32_ATOL, rtol=0), (ours - ref).abs().max()
+
+
+def test_stream_run_fuses_into_the_slots_and_keeps_the_lean_forward(wan21, loras):
+    model = load_tiny(wan21, "stream")
+    placement = model.loaded.placement
+    eng = placement.stream_engines[0]
+    patched = lora_model(model, (loras["lightx2v"], 1.0))
+    before = eng.lean.stats["lean_blocks"]
+    generate(patched, tiny_wan_request())
+    assert eng.lean.stats["lean_blocks"] > before  # no hook inside a block pushed it onto the stock forward
+    report = patched.patches[0].describe()
+    assert "GPU slots on 24 layers" in report and "stream tail" in report
+    assert placement.weight_patchers == []  # the run's patcher is gone with the run

@@ -14,8 +14,7 @@
   compiled pieces, and A/B/scale are not seen by them, so a strength change cannot recompile anything.
   ``proj_out`` (resident, read directly by the lean tail, its bias not in a slot) gets a fused copy for the run
   (``W + delta`` in fp32, one tensor of its size, put back on detach). Layers outside the blocks that run as
-  modules (the condition embedder's) keep the unfused hooks. Without weight patchers in the placement (an engine
-  without them), block layers fall back to hooks.
+  modules (the condition embedder's) keep the unfused hooks.
 """
 
 from __future__ import annotations
@@ -29,16 +28,8 @@ from .apply import LoraHooksConfig, LoraTerm, apply_lora_hooks, fused_weight
 Targets = dict[torch.nn.Module, list[LoraTerm]]
 
 
-def _engines(loaded: Any) -> list[Any]:
-    placement = getattr(loaded, "placement", None)
-    engines = getattr(placement, "stream_engines", None)
-    if engines is None:
-        engines = getattr(loaded.pipe, "_vramwise_stream", None)
-    return list(engines or ())
-
-
 def _stream_engine(loaded: Any, denoiser: torch.nn.Module) -> Any | None:
-    for eng in _engines(loaded):
+    for eng in loaded.placement.stream_engines:
         if eng.model is denoiser:
             return eng
     return None
@@ -140,7 +131,7 @@ class _FusedCopies:
 def apply_for_run(loaded: Any, plans: dict[str, Targets]) -> tuple[Callable[[], None], list[str]]:
     """Attach every denoiser's terms the way its placement needs; returns the undo and a note per method."""
     pipe = loaded.pipe
-    patchers = getattr(getattr(loaded, "placement", None), "weight_patchers", None)
+    patchers = loaded.placement.weight_patchers  # mutated, never rebound: the engines hold the same list
     hooked: Targets = {}
     fused: Targets = {}
     in_slot: Targets = {}
@@ -148,8 +139,7 @@ def apply_for_run(loaded: Any, plans: dict[str, Targets]) -> tuple[Callable[[], 
         denoiser = getattr(pipe, name, None)
         eng = _stream_engine(loaded, denoiser) if denoiser is not None else None
         tail = _lean_tail_reads(eng, denoiser) if eng is not None else set()
-        blocks = ({id(m) for b in eng.blocks for m in b.modules()}
-                  if eng is not None and patchers is not None else set())
+        blocks = {id(m) for b in eng.blocks for m in b.modules()} if eng is not None else set()
         for module, terms in targets.items():
             if id(module) in tail:
                 fused[module] = terms
