@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+from ..vramwise.input_pictures import install_input_pictures
+from . import comfy_bridge as comfy
 from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
 from .lora import VRAMWiseLoraLoader
@@ -30,4 +34,8 @@ class VramwiseExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> VramwiseExtension:
+    # The templates' LoadImage pictures, so a template runs as shipped (missing files only; never overwrites).
+    _written, problem = install_input_pictures(comfy.input_directory())
+    if problem:
+        logging.warning(problem)
     return VramwiseExtension()

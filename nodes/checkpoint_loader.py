@@ -20,11 +20,13 @@ _MODEL_EXT = (".safetensors", ".gguf")
 _FOLDERS = {
     "diffusion_model": ("diffusion_models", _MODEL_EXT),
     "diffusion_model_2": ("diffusion_models", _MODEL_EXT),
-    "text_encoder": ("text_encoders", (".safetensors",)),
+    # .gguf listed so a GGUF UMT5 a user put there is explained (refused with what to pick) rather than missing.
+    "text_encoder": ("text_encoders", (".safetensors", ".gguf")),
     "clip_vision": ("clip_vision", (".safetensors",)),
     "vae": ("vae", (".safetensors",)),
 }
-_SHARED_INPUTS = ("offload_mode", "weight_dtype", "text_encoder_on_cpu")
+# In the model loader's order; compile is appended there too (optional), so saved workflows keep their positions.
+_SHARED_INPUTS = ("offload_mode", "weight_dtype", "text_encoder_on_cpu", "compile")
 
 
 def _options(input_name: str, optional_none: bool = False) -> list[str]:
@@ -51,7 +53,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseCheckpointLoader",
-            display_name="VRAMWise Checkpoint Loader (Wan single files)",
+            display_name="VRAMWise Checkpoint Loader (Wan I2V single files)",
             category=CATEGORY,
             description=(
                 "Assembles a Wan image-to-video model from ComfyUI's single files (diffusion model, UMT5 text "
@@ -72,7 +74,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
                     default=NONE,
                     tooltip="Wan2.2 I2V-A14B only: the low-noise expert. none for every other model.",
                 ),
-                io.Combo.Input("text_encoder", options=_options("text_encoder"), tooltip="umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders)."),
+                io.Combo.Input("text_encoder", options=_options("text_encoder"), tooltip="umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled (models/text_encoders). GGUF text encoders are refused."),
                 io.Combo.Input(
                     "clip_vision",
                     options=_options("clip_vision", optional_none=True),
@@ -101,6 +103,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         text_encoder_on_cpu: bool,
         diffusion_model_2: str = NONE,
         clip_vision: str = NONE,
+        compile: str = "auto",
     ) -> io.NodeOutput:
         spec = SingleFileSpec.create(
             diffusion_model=_resolve("diffusion_model", diffusion_model),
@@ -118,5 +121,7 @@ class VRAMWiseCheckpointLoader(io.ComfyNode):
         )
         slot = str(cls.hidden.unique_id) if cls.hidden is not None else "default"
         loaded, reused = CACHE.get_or_load(slot, options, comfy.torch_device(), before_load=comfy.free_comfyui_models)
-        text = "\n".join(loaded.notes + (["(reused the loaded model)"] if reused else []))
+        compile_note = loaded.placement.set_compile(compile)  # kept there: re-applied when the model reloads
+        text = "\n".join(loaded.notes + ([compile_note] if compile_note else [])
+                         + (["(reused the loaded model)"] if reused else []))
         return io.NodeOutput(VramwiseModel(loaded), ui=comfy.ui.PreviewText(text))

@@ -27,10 +27,10 @@ class VRAMWiseModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseModelLoader",
-            display_name="VRAMWise Model Loader",
+            display_name="VRAMWise Model Loader (Wan / EasyAnimate / I2VGen-XL image to video)",
             category=CATEGORY,
             description=(
-                "Loads an image-to-video model from a diffusers folder under models/diffusers and places it on "
+                "Loads an image-to-video (I2V) model - Wan2.1/Wan2.2 I2V, TI2V-5B, EasyAnimate V5.1 InP, I2VGen-XL - from a diffusers folder under models/diffusers and places it on "
                 "the GPU according to the offload mode. The same settings reuse the loaded model between runs."
             ),
             inputs=[

@@ -51,10 +51,10 @@ class VRAMWiseSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseSampler",
-            display_name="VRAMWise Sampler",
+            display_name="VRAMWise Image to Video Sampler (Wan I2V / EasyAnimate / I2VGen-XL)",
             category=CATEGORY,
             description=(
-                "Generates a video from a start image and a prompt. Shows a progress bar per step and stops "
+                "Image to video (I2V): generates a video from a start image and a prompt with a Wan, EasyAnimate or I2VGen-XL model. Shows a progress bar per step and stops "
                 "within one step on Cancel; GPU memory the run used is given back afterwards."
             ),
             inputs=[

@@ -16,7 +16,7 @@ class VRAMWiseTokenMerge(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseTokenMerge",
-            display_name="VRAMWise Token Merge",
+            display_name="VRAMWise Token Merge (Wan / EasyAnimate / I2VGen-XL)",
             category=CATEGORY,
             description=(
                 "Speeds up sampling by letting self-attention look at fewer, merged tokens where neighbouring "

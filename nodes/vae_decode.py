@@ -15,7 +15,7 @@ class VRAMWiseVAEDecode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VRAMWiseVAEDecode",
-            display_name="VRAMWise VAE Decode",
+            display_name="VRAMWise VAE Decode (video frames)",
             category=CATEGORY,
             description="Decodes the sampler's latents into frames that chain with any image node.",
             inputs=[
@@ -33,7 +33,9 @@ class VRAMWiseVAEDecode(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="[frames, height, width, 3] images, 0..1."),
-                io.Int.Output(display_name="fps", tooltip="The frame rate the model was trained for."),
+                # FLOAT, like the writer's and core CreateVideo's fps, so it links (TI2V-5B: 24, EasyAnimate: 8).
+                # Workflows saved when it was INT still load: the server checks links against this schema.
+                io.Float.Output(display_name="fps", tooltip="The frame rate the model was trained for; link it to the writer's fps."),
             ],
         )
 
@@ -45,4 +47,4 @@ class VRAMWiseVAEDecode(io.ComfyNode):
             CACHE.revive(model.loaded, before_load=comfy.free_comfyui_models)
         options = TilingOptions(TilingMode.parse(tiling), tile_size, tile_overlap)
         frames, note = decode_latents(model, latent, options, check_cancel=comfy.check_interrupt)
-        return io.NodeOutput(frames, int(round(latent.fps)), ui=comfy.ui.PreviewText(note))
+        return io.NodeOutput(frames, float(latent.fps), ui=comfy.ui.PreviewText(note))

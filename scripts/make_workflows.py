@@ -46,12 +46,15 @@ def build(nodes: list[Node], object_info: dict[str, Any], note: str = "") -> dic
         info = object_info[node.type]
         specs = _input_specs(info)
         inputs = []
-        for name, kind, opts in specs:
+        # The frontend (1.32) numbers a node's input slots sockets first, then one slot per widget, each group in
+        # schema order; a linked widget's link must name that slot, or the frontend renumbers it on load.
+        frontend_slots = [n for n, k, o in specs if not _is_widget(k, o)] + [n for n, k, o in specs if _is_widget(k, o)]
+        for name, kind, opts in sorted(specs, key=lambda spec: frontend_slots.index(spec[0])):
             if name in node.links:
                 src, slot = node.links[name]
                 link_id = len(links) + 1
                 src_type = object_info[next(n.type for n in nodes if n.id == src)]["output"][slot]
-                links.append([link_id, src, slot, node.id, len(inputs), src_type])
+                links.append([link_id, src, slot, node.id, frontend_slots.index(name), src_type])
                 outputs.setdefault((src, slot), []).append(link_id)
                 entry = {"name": name, "type": src_type, "link": link_id}
                 if _is_widget(kind, opts):
@@ -105,10 +108,13 @@ def build(nodes: list[Node], object_info: dict[str, Any], note: str = "") -> dic
     return workflow
 
 
-def writer_node(node_id: int, images_from: int, prefix: str, pos: tuple[int, int], fps: float = 16.0) -> Node:
-    """The pack's video writer, H.264 MP4 (the format that plays everywhere)."""
+def writer_node(node_id: int, images_from: int, prefix: str, pos: tuple[int, int], fps: float = 16.0,
+                fps_from: int | None = 4) -> Node:
+    """The pack's video writer, H.264 MP4 (the format that plays everywhere), its fps linked from the decoder
+    (the model's own rate: 24 for TI2V-5B, 8 for EasyAnimate); the widget value stays as the unlinked fallback."""
+    links = {"images": (images_from, 0)} | ({"fps": (fps_from, 1)} if fps_from is not None else {})
     return Node(node_id, "VRAMWiseVideoWriter", {"filename_prefix": prefix, "fps": fps, "format": "video/h264-mp4"},
-                {"images": (images_from, 0)}, pos=pos, size=(360, 520))
+                links, pos=pos, size=(360, 520))
 
 
 def i2v_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any], prefix: str,
@@ -125,6 +131,29 @@ def i2v_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any
         nodes.append(Node(6, "LoadImage", {"image": END_IMAGE}, pos=(0, 640), size=(300, 340), title="End frame"))
     nodes += extra or []
     nodes.append(writer_node(5, 4, prefix, pos=(1220, 0), fps=fps))
+    return nodes
+
+
+def extend_graph(object_info: dict[str, Any], *, model: str, sampler: dict[str, Any], prefix: str,
+                 prompt_2: str) -> list[Node]:
+    """Two segments: the second starts from the first's last decoded frame; core nodes pick that frame, drop the
+    second segment's repeat of it and join the two, so the clip doubles in length with one continuous motion."""
+    frames = int(sampler["num_frames"])
+    nodes = i2v_graph(object_info, model=model, sampler=sampler, prefix=prefix)
+    writer = nodes.pop()  # re-linked to the joined frames below
+    nodes += [
+        Node(10, "ImageFromBatch", {"batch_index": frames - 1, "length": 1}, {"image": (4, 0)},
+             pos=(860, 260), size=(320, 130), title="Last frame of segment 1"),
+        Node(11, "VRAMWiseSampler", {**sampler, "prompt": prompt_2, "seed": int(sampler["seed"]) + 1},
+             {"model": (2, 0), "image": (10, 0)}, pos=(420, 620), size=(400, 560), title="Segment 2"),
+        Node(12, "VRAMWiseVAEDecode", {}, {"model": (2, 0), "latent": (11, 0)}, pos=(860, 620), size=(320, 200)),
+        # Segment 2 opens on (a re-encoding of) segment 1's last frame: skip it so no frame shows twice.
+        Node(13, "ImageFromBatch", {"batch_index": 1, "length": 4096}, {"image": (12, 0)},
+             pos=(860, 860), size=(320, 130), title="Segment 2 without its first frame"),
+        Node(14, "ImageBatch", {}, {"image1": (4, 0), "image2": (13, 0)}, pos=(1220, 620), size=(260, 100),
+             title="Join segments"),
+    ]
+    nodes.append(writer_node(5, 14, writer.widgets["filename_prefix"], pos=(1520, 0)))
     return nodes
 
 
@@ -174,6 +203,23 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
                                "num_frames": 81, "steps": 40, "cfg": 3.5, "seed": 42, "shift": 5.0}),
             "Wan2.2 I2V A14B (two 14B experts). fp8 storage keeps both experts within host RAM on 64 GB machines.",
         ),
+        "wan22_ti2v_5b": (
+            i2v_graph(object_info, model="Wan2.2-TI2V-5B-Diffusers", prefix="vramwise/wan22_ti2v_5b", fps=24.0,
+                      sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 1280, "height": 704,
+                               "num_frames": 121, "steps": 50, "cfg": 5.0, "seed": 42, "shift": 5.0}),
+            "Wan2.2 TI2V 5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers): 1280x704, 121 frames at 24 fps (the decoder's fps is "
+            "linked to the writer). Sizes are multiples of 32.",
+        ),
+        "wan21_i2v_extend": (
+            extend_graph(object_info, model="Wan2.1-I2V-14B-480P-Diffusers", prefix="vramwise/wan21_i2v_extend",
+                         sampler={"prompt": wan_prompt, "negative_prompt": negative, "width": 832, "height": 480,
+                                  "num_frames": 81, "steps": 40, "cfg": 5.0, "seed": 42, "shift": 3.0},
+                         prompt_2="The yellow ball keeps rolling to the right and slows down, smooth camera."),
+            "A longer video by chaining: segment 2 starts from the last frame of segment 1 (core Image From Batch, "
+            "batch_index = num_frames - 1), its first frame is dropped and the two are joined (core Image Batch): "
+            "81 + 80 = 161 frames. Set both samplers' num_frames alike and batch_index to num_frames - 1; add more "
+            "segments the same way.",
+        ),
         "wan21_i2v_comfy_files": (
             [Node(2, "VRAMWiseCheckpointLoader", {
                 "diffusion_model": "wan2.1_i2v_480p_14B_bf16.safetensors", "diffusion_model_2": "none",
@@ -203,8 +249,50 @@ def definitions(object_info: dict[str, Any]) -> dict[str, tuple[list[Node], str]
     }
 
 
+PICTURES = REPO / "assets" / "input"
+
+
+def write_template_pictures(folder: Path = PICTURES) -> list[Path]:
+    """The start and end pictures the templates load (shipped in assets/input/, copied into ComfyUI's input
+    folder at pack start): 832x480 like Wan's default size, a striped floor and a yellow ball that moves from
+    the left (start) to the right (end), so the prompts in the templates describe them."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = 480, 832
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    written = []
+    for name, cx in ((START_IMAGE, 260), (END_IMAGE, 572)):
+        img = np.stack([0.25 + 0.5 * x / w, 0.3 + 0.4 * y / h, 0.55 + 0.35 * np.sin(x / 26.0)], axis=-1)
+        img[: h // 2] = [0.55, 0.75, 0.95]  # sky above the floor
+        ball = (x - cx) ** 2 + (y - 300) ** 2 < 70**2
+        img[ball] = [1.0, 0.85, 0.1]
+        path = folder / name
+        Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).save(path, optimize=True)
+        written.append(path)
+    return written
+
+
+def write_icon(path: Path = REPO / "assets" / "icon.png") -> Path:
+    """The registry icon (pyproject [tool.comfy] Icon): the templates' ball on its striped floor, 256x256."""
+    import numpy as np
+    from PIL import Image
+
+    n = 256
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32)
+    img = np.stack([0.25 + 0.5 * x / n, 0.3 + 0.4 * y / n, 0.55 + 0.35 * np.sin(x / 12.0)], axis=-1)
+    img[: n // 2] = [0.55, 0.75, 0.95]
+    img[(x - 128) ** 2 + (y - 150) ** 2 < 64**2] = [1.0, 0.85, 0.1]
+    Image.fromarray((img.clip(0, 1) * 255).astype("uint8")).save(path, optimize=True)
+    return path
+
+
 def main() -> int:
     from comfy_harness import ComfyServer
+
+    for path in [*write_template_pictures(), write_icon()]:
+        print(path)
 
     with ComfyServer() as server:
         object_info = server.object_info()

@@ -10,8 +10,9 @@ Folders (see ``BUILDERS``):
   tiny-wan21-i2v              Wan2.1 I2V (CLIP image encoder)           WanImageToVideoPipeline
   tiny-wan21-flf2v            Wan2.1 FLF2V (first + last frame)         WanImageToVideoPipeline
   tiny-wan22-i2v-a14b         Wan2.2 I2V-A14B (two experts, no CLIP)    WanImageToVideoPipeline
-  tiny-wan22-ti2v-5b          Wan2.2 TI2V-5B (48-ch VAE, 16x spatial)   WanImageToVideoPipeline
-  tiny-wan21-t2v              Wan2.1 T2V (only to test refusal)         WanPipeline
+  tiny-wan22-ti2v-5b          Wan2.2 TI2V-5B (48-ch VAE, 16x spatial)   WanPipeline + expand_timesteps (as the hub)
+  tiny-wan21-t2v              Wan2.1 T2V (only to test refusal)         WanPipeline (0.33-era model_index)
+  tiny-wan22-t2v-a14b         Wan2.2 T2V-A14B (only to test refusal)    WanPipeline, two experts
   tiny-easyanimate-v51-inp    EasyAnimate V5.1 InP (Qwen2-VL text)      EasyAnimateInpaintPipeline
   tiny-easyanimate-v5-legacy  EasyAnimate V5 Bert+T5 layout, configs only (not loadable)
   tiny-i2vgenxl               I2VGen-XL                                 I2VGenXLPipeline
@@ -398,17 +399,17 @@ def build_wan22_a14b(folder: Path) -> Path:
 
 
 def build_wan22_ti2v_5b(folder: Path) -> Path:
-    """Wan2.2 TI2V-5B: 48-channel latents, 16x VAE, the image replaces the first latent frame (expand_timesteps)."""
-    from diffusers import WanImageToVideoPipeline
+    """Wan2.2 TI2V-5B as the hub folder writes it: ``WanPipeline`` with ``expand_timesteps: true`` (the same
+    weights do text- and image-to-video; diffusers' WanImageToVideoPipeline runs the image path), 48-channel
+    latents, 16x VAE, no CLIP; the image replaces the first latent frame."""
+    from diffusers import WanPipeline
 
     tokenizer = _umt5_tokenizer()
-    pipe = WanImageToVideoPipeline(
+    pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=_umt5_encoder(len(tokenizer)),
         vae=_wan22_vae(),
         scheduler=_unipc_flow(WAN22_FLOW_SHIFT),
-        image_processor=None,
-        image_encoder=None,
         transformer=_wan_transformer("wan22-ti2v-transformer", in_channels=48, out_channels=48, with_image=False),
         expand_timesteps=True,
     )
@@ -416,7 +417,8 @@ def build_wan22_ti2v_5b(folder: Path) -> Path:
 
 
 def build_wan21_t2v(folder: Path) -> Path:
-    """Plain Wan2.1 text-to-video folder (WanPipeline); the pack must refuse it as an I2V model."""
+    """Wan2.1 T2V as the hub folder writes it (written by diffusers 0.33: no boundary_ratio, expand_timesteps or
+    transformer_2 entries); the pack must refuse it as an I2V model."""
     from diffusers import WanPipeline
 
     tokenizer = _umt5_tokenizer()
@@ -426,6 +428,30 @@ def build_wan21_t2v(folder: Path) -> Path:
         vae=_wan21_vae(),
         scheduler=_unipc_flow(WAN21_FLOW_SHIFT),
         transformer=_wan_transformer("wan21-t2v-transformer", in_channels=16, out_channels=16, with_image=False),
+    )
+    _save(pipe, _prepare(folder))
+    index_path = Path(folder) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    for key in ("boundary_ratio", "expand_timesteps", "transformer_2"):
+        index.pop(key, None)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+    return Path(folder)
+
+
+def build_wan22_t2v_a14b(folder: Path) -> Path:
+    """Wan2.2 T2V-A14B as the hub folder writes it: WanPipeline, two 16-channel experts, boundary_ratio 0.875,
+    expand_timesteps false; the pack must refuse it as an I2V model."""
+    from diffusers import WanPipeline
+
+    tokenizer = _umt5_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5_encoder(len(tokenizer)),
+        vae=_wan21_vae(),
+        scheduler=_unipc_flow(WAN22_FLOW_SHIFT),
+        transformer=_wan_transformer("wan22-t2v-high", in_channels=16, out_channels=16, with_image=False),
+        transformer_2=_wan_transformer("wan22-t2v-low", in_channels=16, out_channels=16, with_image=False),
+        boundary_ratio=0.875,
     )
     return _save(pipe, _prepare(folder))
 
@@ -691,6 +717,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tiny-wan22-i2v-a14b": build_wan22_a14b,
     "tiny-wan22-ti2v-5b": build_wan22_ti2v_5b,
     "tiny-wan21-t2v": build_wan21_t2v,
+    "tiny-wan22-t2v-a14b": build_wan22_t2v_a14b,
     "tiny-easyanimate-v51-inp": build_easyanimate_v51_inp,
     "tiny-easyanimate-v5-legacy": build_easyanimate_v5_legacy_layout,
     "tiny-i2vgenxl": build_i2vgenxl,

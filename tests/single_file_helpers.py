@@ -6,7 +6,8 @@ fp8_scaled. Text encoder: transformers' UMT5 names plus the tokenizer as a ``spi
 names. VAE: either the tiny folder's VAE in diffusers' layout (one res block per stage, a structure the
 original-layout converter of diffusers does not express), or a tiny Wan2.1-structured VAE (dim_mult 1,2,4,4 and two
 res blocks per stage, like wan_2.1_vae.safetensors) in the original layout with no metadata at all. GGUF: the
-transformer in the original layout, F16 or quantized with gguf's own ``quantize``. Constants shapes cannot reveal
+transformer in the original layout, F16 or quantized with gguf's own ``quantize`` (K-quants, which gguf cannot write,
+with ``quantize_k``). Constants shapes cannot reveal
 go in ``vramwise_config`` metadata.
 """
 
@@ -85,12 +86,81 @@ def write_transformer_gguf(
         elif quant in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32) or data.shape[-1] % block:
             writer.add_tensor(key, data.astype(np.float16))
         else:
-            writer.add_tensor(key, gguf.quants.quantize(data, quant), raw_dtype=quant)
+            blocks = quantize_k(data, qtype) if qtype in K_QUANTS else gguf.quants.quantize(data, quant)
+            writer.add_tensor(key, blocks, raw_dtype=quant)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# K-quants: super-blocks of 256 values. gguf-py (0.19) dequantizes them but its quantize() raises
+# NotImplementedError, so the blocks are built here following ggml's documented layouts (ggml-common.h):
+#   Q4_K (144 B): d f16, dmin f16, scales[12] (8 sub-blocks of 32: 6-bit scale + 6-bit min), qs[128] 4-bit
+#   Q5_K (176 B): d f16, dmin f16, scales[12], qh[32] (5th bits), qs[128]
+#   Q6_K (210 B): ql[128] low 4 bits, qh[64] high 2 bits, scales[16] int8 (16 sub-blocks of 16), d f16
+# A simple min/max quantizer (not llama.cpp's error-minimising search): the layout is what the tests check.
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+QK_K = 256
+
+
+def _pack_scales_k4(sc, m):
+    """ggml's 12-byte packing of 8 six-bit scales and mins (inverse of get_scale_min_k4)."""
+    import numpy as np
+
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return out
+
+
+def quantize_k(data, qtype: str):
+    """Rows of ``data`` (width a multiple of 256) as Q4_K / Q5_K / Q6_K blocks, uint8 [rows, blocks * bytes]."""
+    import numpy as np
+
+    rows = data.shape[:-1]
+    x = np.asarray(data, dtype=np.float32).reshape(-1, QK_K)
+    n = x.shape[0]
+    f16 = lambda v: v.astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    if qtype in ("Q4_K", "Q5_K"):
+        levels = 15 if qtype == "Q4_K" else 31
+        sub = x.reshape(n, 8, 32)
+        lo = np.minimum(sub.min(-1), 0.0)
+        scale = (sub.max(-1) - lo) / levels
+        d = scale.max(-1) / 63.0
+        dmin = (-lo).max(-1) / 63.0
+        d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+        sc = np.clip(np.round(scale / np.where(d16 > 0, d16, 1)[:, None].astype(np.float32)), 0, 63).astype(np.uint8)
+        m = np.clip(np.round(-lo / np.where(dmin16 > 0, dmin16, 1)[:, None].astype(np.float32)), 0, 63).astype(np.uint8)
+        eff_scale = d16.astype(np.float32)[:, None] * sc
+        eff_min = dmin16.astype(np.float32)[:, None] * m
+        q = np.round((sub + eff_min[..., None]) / np.where(eff_scale > 0, eff_scale, 1)[..., None])
+        q = np.clip(q, 0, levels).astype(np.uint8).reshape(n, 4, 2, 32)  # (pair i, low/high sub-block, l)
+        qs = ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(n, 128)
+        parts = [f16(d16), f16(dmin16), _pack_scales_k4(sc, m)]
+        if qtype == "Q5_K":
+            hi = (q >> 4) & 1  # bit 2i of qh[l]: sub-block 2i, bit 2i+1: sub-block 2i+1
+            qh = np.zeros((n, 32), dtype=np.uint8)
+            for i in range(4):
+                qh |= (hi[:, i, 0] << (2 * i)) | (hi[:, i, 1] << (2 * i + 1))
+            parts.append(qh)
+        parts.append(qs)
+    elif qtype == "Q6_K":
+        sub = x.reshape(n, 16, 16)
+        scale = np.abs(sub).max(-1) / 31.0
+        d16 = (scale.max(-1) / 127.0).astype(np.float16)
+        sc = np.clip(np.round(scale / np.where(d16 > 0, d16, 1)[:, None].astype(np.float32)), 0, 127).astype(np.int8)
+        eff = d16.astype(np.float32)[:, None] * sc
+        q = np.clip(np.round(sub / np.where(eff > 0, eff, 1)[..., None]), -32, 31).astype(np.int16) + 32
+        q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # (half, quarter, l): value 128*half + 32*quarter + l
+        ql = np.concatenate([(q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4), (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)], axis=-1)
+        qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+        parts = [ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), f16(d16)]
+    else:
+        raise ValueError(f"not a K-quant: {qtype}")
+    return np.concatenate(parts, axis=-1).reshape(*rows, -1)
 
 
 def tiny_wan21_vae():
@@ -261,3 +331,23 @@ def write_comfy_models(tiny_wan21: Path, models_dir: Path) -> dict[str, Path]:
     (models_dir / "unet").mkdir(parents=True, exist_ok=True)
     out["gguf"] = write_transformer_gguf(tiny_wan21, models_dir / "unet" / COMFY_WAN21_GGUF, "Q8_0", flatten_5d=True)
     return out
+
+
+def wide_wan21_folder(src: Path, dst: Path) -> Path:
+    """The tiny Wan2.1 I2V folder with a transformer whose FFN and time-embedding inputs are 256 wide (ffn_dim,
+    freq_dim 256), so those rows fill whole K-quant super-blocks; every other component is the tiny one (linked)."""
+    from diffusers import WanTransformer3DModel
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in Path(src).iterdir():
+        if item.name != "transformer":
+            (dst / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    config = {k: v for k, v in json.loads((Path(src) / "transformer" / "config.json").read_text()).items() if not k.startswith("_")}
+    state = torch.random.get_rng_state()
+    torch.manual_seed(256)
+    try:
+        model = WanTransformer3DModel.from_config({**config, "ffn_dim": QK_K, "freq_dim": QK_K})
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(dst / "transformer", safe_serialization=True)
+    return dst

@@ -24,9 +24,52 @@ def test_wan_variants_are_told_apart_by_their_configs(tiny_models_root, folder, 
     assert detect_family(tiny_models_root / folder).id == family_id
 
 
-def test_text_to_video_folder_is_refused_with_what_was_found(tiny_models_root):
-    with pytest.raises(ModelFolderError, match="WanPipeline.*text-to-video"):
-        detect_family(tiny_models_root / "tiny-wan21-t2v")
+@pytest.mark.parametrize("folder,experts", [("tiny-wan21-t2v", "one transformer"), ("tiny-wan22-t2v-a14b", "two experts")])
+def test_text_to_video_folders_are_refused_with_the_configs_that_tell(tiny_models_root, folder, experts):
+    with pytest.raises(ModelFolderError) as err:
+        detect_family(tiny_models_root / folder)
+    message = str(err.value)
+    assert "WanPipeline" in message and "text-to-video" in message and experts in message
+    assert "in_channels 16" in message and "expand_timesteps False" in message
+
+
+def test_ti2v_5b_is_recognised_as_published_by_wanpipeline_and_expand_timesteps(tiny_models_root):
+    index = json.loads((tiny_models_root / "tiny-wan22-ti2v-5b" / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["expand_timesteps"] is True
+    assert detect_family(tiny_models_root / "tiny-wan22-ti2v-5b").id == "wan2.2-ti2v-5b"
+
+
+def _copy_configs(src, dst, index_changes=None, transformer_changes=None):
+    """The folder's json files only (detection reads nothing else), with edits."""
+    for path in src.rglob("*.json"):
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text())
+        if path.name == "model_index.json":
+            data.update(index_changes or {})
+        elif path.parent.name == "transformer":
+            data.update(transformer_changes or {})
+        target.write_text(json.dumps(data))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "index_changes,transformer_changes",
+    [
+        ({"expand_timesteps": False}, None),  # a 48-channel model without image-latent conditioning
+        (None, {"in_channels": 16, "out_channels": 16}),  # expand_timesteps but channels that miss the VAE's
+    ],
+)
+def test_wanpipeline_folders_that_are_not_ti2v_stay_refused(tiny_models_root, tmp_path, index_changes, transformer_changes):
+    folder = _copy_configs(tiny_models_root / "tiny-wan22-ti2v-5b", tmp_path / "m", index_changes, transformer_changes)
+    with pytest.raises(ModelFolderError, match="text-to-video"):
+        detect_family(folder)
+
+
+def test_ti2v_written_as_image_to_video_pipeline_is_still_recognised(tiny_models_root, tmp_path):
+    """Folders re-saved through WanImageToVideoPipeline (as earlier versions of the tiny model) keep working."""
+    folder = _copy_configs(tiny_models_root / "tiny-wan22-ti2v-5b", tmp_path / "m", {"_class_name": "WanImageToVideoPipeline"})
+    assert detect_family(folder).id == "wan2.2-ti2v-5b"
 
 
 def test_unknown_pipeline_lists_its_components_and_the_supported_families(tmp_path):

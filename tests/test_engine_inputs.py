@@ -92,6 +92,24 @@ def test_pad_keeps_the_whole_image_with_black_bars():
     assert min(out.getpixel((32, 32))) > 250  # image in the middle
 
 
+def test_a_decoded_last_frame_starts_the_next_segment_unchanged():
+    """Chaining: the last frame of a decoded clip, fed back at the same size, is neither cropped nor resampled."""
+    import numpy as np
+
+    frames = torch.rand(5, 48, 64, 3, generator=torch.Generator().manual_seed(0))  # as VRAMWise VAE Decode outputs
+    last = frames[-1:]  # core Image From Batch, batch_index 4
+    frame, note = first_frame(last, "image")
+    assert note is None
+    for mode in ResizeMode:
+        got = np.asarray(fit_image(frame, 64, 48, mode))
+        assert np.array_equal(got, (last[0].numpy() * 255).round().astype("uint8"))
+
+
+def test_a_whole_clip_given_as_the_start_image_says_how_to_take_its_last_frame():
+    _frame, note = first_frame(torch.rand(81, 8, 8, 3), "image")
+    assert "first one is used" in note and "Image From Batch, batch_index 80" in note
+
+
 # --- file inputs: only files the input's listing offers (vramwise/model_files.py) ---
 from vramwise.model_files import list_model_files, resolve_model_file  # noqa: E402
 

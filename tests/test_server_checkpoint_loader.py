@@ -71,6 +71,25 @@ def test_wan21_without_clip_vision_is_a_clear_error(comfy_server):
     assert "clip_vision" in err["exception_message"] and "clip_vision_h.safetensors" in err["exception_message"]
 
 
+def test_compile_input_is_appended_with_the_model_loaders_options(comfy_server):
+    from workflow_api import widget_names
+
+    info = comfy_server.object_info()
+    names = widget_names(info["VRAMWiseCheckpointLoader"])
+    # Appended after every earlier widget, so workflows saved before it keep their values in place.
+    assert names[-2:] == ["text_encoder_on_cpu", "compile"]
+    ours = info["VRAMWiseCheckpointLoader"]["input"]["optional"]["compile"]
+    assert ours == info["VRAMWiseModelLoader"]["input"]["optional"]["compile"]
+
+
+def test_compile_choice_reaches_the_stream_engine(comfy_server):
+    graph = _prompt()
+    graph["2"]["inputs"].update(offload_mode="stream", compile="off")
+    entry = comfy_server.run(graph)
+    assert entry.get("status", {}).get("status_str") == "success", execution_error(entry)
+    assert "compile: off, denoiser runs eager" in entry["outputs"]["2"]["text"][0]
+
+
 def _loader_refusal(comfy_server, value: str) -> str:
     err = execution_error(comfy_server.run(_prompt(diffusion_model=value)))
     assert err is not None and err["node_type"] == "VRAMWiseCheckpointLoader"

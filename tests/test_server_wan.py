@@ -153,8 +153,9 @@ def test_nearest_valid_frame_counts_are_suggested(comfy_server):
     assert "use 77 or 81" in error["exception_message"]
 
 
-def test_unsupported_model_folder_names_what_it_found(comfy_server):
-    error = execution_error(comfy_server.run(i2v_prompt("tiny-wan21-t2v")))
+@pytest.mark.parametrize("model", ["tiny-wan21-t2v", "tiny-wan22-t2v-a14b"])
+def test_unsupported_model_folder_names_what_it_found(comfy_server, model):
+    error = execution_error(comfy_server.run(i2v_prompt(model)))
     assert error is not None
     assert "WanPipeline" in error["exception_message"] and "text-to-video" in error["exception_message"]
 

@@ -70,3 +70,82 @@ def test_a_workflow_saved_before_widgets_were_appended_still_loads_and_runs(comf
     prompt = ui_to_api(workflow, info)
     entry = comfy_server.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", execution_error(entry)
+
+
+def _writer_text(entry: dict) -> str:
+    writer = next(out for out in entry["outputs"].values() if "videos" in out or "images" in out)
+    return writer["text"][0]
+
+
+def _run_cpu_sized(comfy_server, workflow: dict) -> dict:
+    prompt = ui_to_api(workflow, comfy_server.object_info())
+    for node in prompt.values():
+        if node["class_type"] == "VRAMWiseSampler":
+            node["inputs"].update(CPU_SIZE)
+    entry = comfy_server.run(prompt, timeout=600)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return entry
+
+
+def test_decoder_fps_is_float_and_linked_to_the_writer_in_every_shipped_workflow(comfy_server):
+    info = comfy_server.object_info()
+    assert info["VRAMWiseVAEDecode"]["output"] == ["IMAGE", "FLOAT"]
+    assert info["VRAMWiseVideoWriter"]["input"]["required"]["fps"][0] == "FLOAT"
+    for path in WORKFLOWS:
+        workflow = _load(path)
+        nodes = {n["id"]: n for n in workflow["nodes"]}
+        links = {link[0]: link for link in workflow["links"]}
+        writer = next(n for n in workflow["nodes"] if n["type"] == "VRAMWiseVideoWriter")
+        fps = next(i for i in writer["inputs"] if i["name"] == "fps")
+        source = links[fps["link"]]
+        assert (nodes[source[1]]["type"], source[2], source[5]) == ("VRAMWiseVAEDecode", 1, "FLOAT"), path.name
+
+
+def test_ti2v_5b_template_writes_the_models_24_fps(comfy_server):
+    """The published TI2V-5B folder (WanPipeline + expand_timesteps) runs, and its rate reaches the file."""
+    entry = _run_cpu_sized(comfy_server, _load(next(p for p in WORKFLOWS if p.stem == "wan22_ti2v_5b")))
+    assert "@ 24 fps" in _writer_text(entry)
+    assert "Wan2.2 TI2V 5B" in json.dumps(entry["outputs"])
+
+
+def test_a_workflow_saved_when_decode_fps_was_int_still_loads_and_runs(comfy_server):
+    # As saved by the pack before fps became FLOAT: the decoder's output and its link to the writer typed INT.
+    workflow = _load(next(p for p in WORKFLOWS if p.stem == "easyanimate_v51_i2v"))
+    decode = next(n for n in workflow["nodes"] if n["type"] == "VRAMWiseVAEDecode")
+    decode["outputs"][1]["type"] = "INT"
+    for link in workflow["links"]:
+        if link[1] == decode["id"] and link[2] == 1:
+            link[5] = "INT"
+    for node in workflow["nodes"]:
+        for inp in node.get("inputs", []):
+            if inp["name"] == "fps":
+                inp["type"] = "INT"
+    info = comfy_server.object_info()
+    assert check_workflow(workflow, info) == []
+    entry = _run_cpu_sized(comfy_server, workflow)
+    assert "@ 8 fps" in _writer_text(entry)  # EasyAnimate's own rate, through the link
+
+
+def test_a_workflow_saved_with_the_int_fps_unlinked_still_runs_at_its_widget_rate(comfy_server):
+    # The shipped files before the link existed: fps as a widget value (16), decoder's output INT and unused.
+    workflow = _load(next(p for p in WORKFLOWS if p.stem == "easyanimate_v51_i2v"))
+    decode = next(n for n in workflow["nodes"] if n["type"] == "VRAMWiseVAEDecode")
+    writer = next(n for n in workflow["nodes"] if n["type"] == "VRAMWiseVideoWriter")
+    fps_link = next(i for i in writer["inputs"] if i["name"] == "fps")["link"]
+    writer["inputs"] = [i for i in writer["inputs"] if i["name"] != "fps"]
+    workflow["links"] = [link for link in workflow["links"] if link[0] != fps_link]
+    decode["outputs"][1].update(type="INT", links=[])
+    writer["widgets_values"][0] = 16.0
+    assert check_workflow(workflow, comfy_server.object_info()) == []
+    assert "@ 16 fps" in _writer_text(_run_cpu_sized(comfy_server, workflow))
+
+
+def test_extend_template_continues_segment_one_from_its_last_frame(comfy_server):
+    """Two 5-frame segments joined without repeating the shared frame: 5 + 4 frames in one file."""
+    workflow = _load(next(p for p in WORKFLOWS if p.stem == "wan21_i2v_extend"))
+    entry = _run_cpu_sized(comfy_server, workflow)
+    frames = CPU_SIZE["num_frames"]
+    assert f"{2 * frames - 1} frames 64x64" in _writer_text(entry)
+    # Segment 2's sampler got exactly one image, the right size: no batch note, nothing to crop.
+    sampler_2 = next(str(n["id"]) for n in workflow["nodes"] if n.get("title") == "Segment 2")
+    assert "Image From Batch" not in entry["outputs"][sampler_2]["text"][0]

@@ -144,6 +144,9 @@ def test_wan22_ti2v_5b(tmp_path: Path) -> None:
 
     folder = tiny_models.build_wan22_ti2v_5b(tmp_path / "model")
     _assert_safetensors_only(folder)
+    # As the hub's Wan2.2-TI2V-5B-Diffusers: the text-to-video pipeline's name, image path by expand_timesteps.
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["expand_timesteps"] is True
     pipe = _load(WanImageToVideoPipeline, folder)
     assert pipe.config.expand_timesteps and pipe.vae_scale_factor_spatial == 16
     out = pipe(
@@ -174,6 +177,18 @@ def test_wan21_t2v_is_a_text_to_video_folder(tmp_path: Path) -> None:
     assert "image_encoder" not in index
     pipe = _load(WanPipeline, folder)
     assert pipe.transformer.config.in_channels == 16 and pipe.transformer.config.image_dim is None
+    assert "expand_timesteps" not in index and "transformer_2" not in index  # diffusers 0.33 wrote neither
+
+
+def test_wan22_t2v_a14b_is_a_two_expert_text_to_video_folder(tmp_path: Path) -> None:
+    from diffusers import WanPipeline
+
+    folder = tiny_models.build_wan22_t2v_a14b(tmp_path / "model")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == 0.875
+    assert index["expand_timesteps"] is False
+    pipe = _load(WanPipeline, folder)
+    assert pipe.transformer_2 is not None and pipe.transformer.config.in_channels == 16
 
 
 # --------------------------------------------------------------------------- EasyAnimate
@@ -322,6 +337,7 @@ def test_registry_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         "tiny-wan22-i2v-a14b",
         "tiny-wan22-ti2v-5b",
         "tiny-wan21-t2v",
+        "tiny-wan22-t2v-a14b",
         "tiny-easyanimate-v51-inp",
         "tiny-easyanimate-v5-legacy",
         "tiny-i2vgenxl",

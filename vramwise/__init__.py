@@ -4,3 +4,8 @@ Nothing in this package imports ComfyUI; the adapters in ``nodes/`` are the only
 """
 
 __version__ = "0.1.0"
+
+from .compat import check_diffusers
+
+# Refuse at import, with the versions and the fix, rather than with an AttributeError deep in a run.
+check_diffusers()

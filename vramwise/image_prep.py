@@ -38,7 +38,9 @@ def first_frame(image: torch.Tensor | None, input_name: str = "image") -> tuple[
         )
     note = None
     if image.shape[0] > 1:
-        note = f"{input_name}: a batch of {image.shape[0]} images was given; the first one is used"
+        n = image.shape[0]
+        note = (f"{input_name}: a batch of {n} images was given; the first one is used (to continue a clip from "
+                f"its last frame, pick it with Image From Batch, batch_index {n - 1})")
     frame = image[0].float()
     if frame.shape[-1] == 1:
         frame = frame.expand(-1, -1, 3)

@@ -13,7 +13,7 @@ from ..errors import ModelFolderError
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
 from .easyanimate import EASYANIMATE_FAMILIES, legacy_layout_reason
 from .i2vgenxl import I2VGENXL_FAMILIES
-from .wan import WAN_FAMILIES
+from .wan import WAN_FAMILIES, text_to_video_reason
 
 FAMILY_CLASSES: list[type[Family]] = [*WAN_FAMILIES, *EASYANIMATE_FAMILIES, *I2VGENXL_FAMILIES]
 
@@ -27,7 +27,7 @@ KNOWN_UNSUPPORTED: dict[str, str] = {
 
 # Checks for folders whose pipeline class a family runs but whose layout it cannot load: each returns the reason
 # a user should read, or None. They run before any family is matched.
-LAYOUT_REFUSALS: list[Callable[[ModelIndex], str | None]] = [legacy_layout_reason]
+LAYOUT_REFUSALS: list[Callable[[ModelIndex], str | None]] = [legacy_layout_reason, text_to_video_reason]
 
 
 def register_family(cls: type[Family], first: bool = True) -> None:

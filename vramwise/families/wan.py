@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ..handles import LoadedPipeline
 
 PIPELINE = "WanImageToVideoPipeline"
+# The hub's Wan2.2-TI2V-5B-Diffusers folder names the text-to-video pipeline (its weights do both); diffusers runs
+# its image path through WanImageToVideoPipeline with the same components and expand_timesteps.
+T2V_PIPELINE = "WanPipeline"
 # The Wan attention processor hard-codes 512 text tokens when it splits image from text tokens; any other
 # length silently gives the image branch no tokens.
 MAX_TEXT_TOKENS = 512
@@ -189,11 +192,34 @@ class Wan22TI2V5B(_WanFamily):
 
     @classmethod
     def matches(cls, index: ModelIndex) -> bool:
+        # The published folder says WanPipeline, so the class name alone cannot tell it from Wan2.1 T2V or
+        # Wan2.2 T2V-A14B (also WanPipeline): the configs do. TI2V-5B conditions by replacing the first latent
+        # frame (expand_timesteps) with the image's VAE latent, so its transformer reads and writes exactly
+        # the VAE's channels (48); the T2V models have expand_timesteps false (or absent) and 16 channels.
+        if index.pipeline_class not in (PIPELINE, T2V_PIPELINE) or index.has_component("transformer_2"):
+            return False
+        if not index.index.get("expand_timesteps"):
+            return False
+        transformer = _transformer_config(index)
+        z_dim = index.component_config("vae").get("z_dim")
         return (
-            index.pipeline_class == PIPELINE
-            and bool(index.index.get("expand_timesteps"))
-            and not index.has_component("transformer_2")
+            transformer.get("image_dim") is None
+            and transformer.get("in_channels") == transformer.get("out_channels") == z_dim
         )
+
+
+def text_to_video_reason(index: ModelIndex) -> str | None:
+    """Why a WanPipeline folder that is not TI2V-5B is refused, naming the configs that tell (None otherwise)."""
+    if index.pipeline_class != T2V_PIPELINE or Wan22TI2V5B.matches(index):
+        return None
+    transformer = _transformer_config(index)
+    experts = "two experts (Wan2.2 T2V-A14B)" if index.has_component("transformer_2") else "one transformer"
+    return (
+        f"a Wan text-to-video model ({T2V_PIPELINE}, {experts}, transformer in_channels "
+        f"{transformer.get('in_channels')}, expand_timesteps {bool(index.index.get('expand_timesteps'))}); this pack "
+        "needs an image-to-video model: Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B, or Wan2.2 TI2V-5B "
+        "(Wan2.2-TI2V-5B-Diffusers)"
+    )
 
 
 WAN_FAMILIES: tuple[type[Family], ...] = (Wan22I2VA14B, Wan22TI2V5B, Wan21FLF2V, Wan21I2V)

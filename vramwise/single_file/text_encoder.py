@@ -30,6 +30,17 @@ _TOKENIZER_FOLDER_HELP = (
 
 
 def text_encoder_config(header: Header) -> dict[str, Any]:
+    if header.kind == "gguf":
+        # transformers can read a UMT5 GGUF (umt5-xxl-encoder-Q8_0.gguf and friends), but it dequantizes every
+        # tensor while loading: the encoder then takes the same memory as umt5_xxl_fp16 (~11 GB in bf16), so
+        # GGUF buys nothing here, and fp8 storage (umt5_xxl_fp8_e4m3fn_scaled) halves it for real.
+        raise InputError(
+            "text_encoder",
+            f"'{header.path.name}' is a GGUF text encoder; only the diffusion model may be GGUF (a GGUF UMT5 would "
+            "be dequantized whole while loading and save no memory).",
+            "pick umt5_xxl_fp8_e4m3fn_scaled.safetensors (about 6.7 GB, stored in fp8) or umt5_xxl_fp16.safetensors; "
+            "turn on text_encoder_on_cpu to keep it off the GPU.",
+        )
     t = header.tensors
     get = lambda k: t[k].shape if k in t else None  # noqa: E731
     shared = get("shared.weight") or get("encoder.embed_tokens.weight")
