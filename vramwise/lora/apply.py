@@ -1,13 +1,13 @@
-"""Two ways to add LoRA terms to a denoiser's Linear layers for one run, neither touching the stored weights.
+"""LoRA terms on a denoiser's Linear layers for one run, never touching the stored weights (the stream engine's
+in-slot fusion is ``placement.SlotFuser``).
 
 - ``apply_lora_hooks``: a forward hook per target Linear adds ``scale * (x @ A^T) @ B^T (+ scale * bias)`` to its
   output (unfused). It works under every placement (accelerate's model/sequential hooks, diffusers' group offload
   and fp8 layerwise casting, GGUF's quantized Linear), because it only sees the layer's input and output. A and B
   are moved to the output's device once per run (bf16, a rank-64 14B LoRA is ~0.7 GB) and dropped on removal.
-- ``fuse_delta_``: ``W += round(scale * (B @ A) in fp32)``, in place, for weights that are a per-run copy (the
-  stream engine's GPU slots, refilled from the packed host buffer for every block load). It is the same arithmetic
-  as PEFT's ``merge`` behind diffusers' ``fuse_lora`` on the CPU (fp32 product, one rounding to the weight dtype,
-  then the add), so the result is bit-identical to diffusers' fused model.
+- ``fused_weight``: a new tensor ``W + round(scale * (B @ A) in fp32)``, for a layer given a fused copy for the run;
+  the same arithmetic as PEFT's ``merge`` behind diffusers' ``fuse_lora`` on the CPU (fp32 product, one rounding to
+  the weight dtype, then the add).
 """
 
 from __future__ import annotations
@@ -103,19 +103,6 @@ def delta_weight(layer: LoraLayer, scale: float, dtype: torch.dtype, device: tor
     b = layer.up.to(device=device, dtype=torch.float32, non_blocking=True)
     a = layer.down.to(device=device, dtype=torch.float32, non_blocking=True)
     return ((b @ a) * scale).to(dtype)
-
-
-@torch.no_grad()
-def fuse_delta_(weight: torch.Tensor, bias: torch.Tensor | None, terms: list[LoraTerm]) -> None:
-    """Add the terms into ``weight`` / ``bias`` in place (they must be a per-run copy, never the stored weights)."""
-    for term in terms:
-        s = term.scale
-        if s == 0.0:
-            continue
-        if term.layer.down is not None:
-            weight.add_(delta_weight(term.layer, s, weight.dtype, weight.device))
-        if term.layer.bias is not None and bias is not None:
-            bias.add_(term.layer.bias.to(device=bias.device, dtype=bias.dtype, non_blocking=True) * s)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from .apply import LoraTerm
-from .convert import LoraFile, read_lora
+from .convert import read_lora
 from .match import LoraMatch, match_lora
 from .placement import apply_for_run
 
@@ -140,11 +140,6 @@ class LoraPatch:
         return "\n".join(f"LoRA '{e.path.name}' x{e.strength:g}" + (
             f" (low-noise x{e.strength_low_noise:g})" if e.strength_low_noise != e.strength else "")
             for e in self.entries)
-
-
-def lora_file(path: Path | str) -> LoraFile:
-    """The converted file (cached); for the node's early checks."""
-    return read_lora(path)
 
 
 def with_lora(model: "VramwiseModel", entry: LoraEntry) -> "VramwiseModel":
