@@ -119,6 +119,9 @@ class Family(ABC):
     unsupported_offload_modes: dict[str, str] = {}
     # Name of the latent format in ComfyUI's comfy.latent_formats, used for cheap RGB previews.
     preview_latent_format: str | None = None
+    # True when diffusers has a context-parallel plan (``_cp_plan``) for the denoiser, so ``gpus`` > 1 can split
+    # its video tokens across GPUs (vramwise/parallel); families without one refuse gpus > 1.
+    supports_context_parallel: bool = False
 
     @classmethod
     @abstractmethod

@@ -35,6 +35,8 @@ class _WanFamily(Family):
     pipeline_class_name = PIPELINE
     text_encoder_names = ("text_encoder",)
     preview_latent_format = "Wan21"
+    # WanTransformer3DModel._cp_plan splits the video tokens at blocks.0 and gathers them at proj_out.
+    supports_context_parallel = True
 
     def load(self, folder: Path, torch_dtype: torch.dtype) -> Any:
         from diffusers import WanImageToVideoPipeline
