@@ -99,6 +99,12 @@ class LoraPatch:
         names = [n for n in loaded.family.denoiser_names if getattr(pipe, n, None) is not None]
         plans: dict[str, dict[torch.nn.Module, list[LoraTerm]]] = {n: {} for n in names}
         lines: list[str] = []
+        from ..parallel.proxy import ParallelDenoiser
+
+        if any(isinstance(getattr(pipe, n), ParallelDenoiser) for n in names):
+            # The weights live in the worker processes; nothing here could carry the LoRA to them.
+            raise InputError("model", "LoRA does not reach denoisers that run on several GPUs (worker processes).",
+                             "load the model on one GPU for LoRA, or remove the LoRA node.")
         for entry in self.entries:
             lora = read_lora(entry.path)
             for n in names:
