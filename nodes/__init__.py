@@ -8,6 +8,7 @@ from ..vramwise.input_pictures import install_input_pictures
 from . import comfy_bridge as comfy
 from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
+from .lora import VRAMWiseLoraLoader
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
 from .step_cache import VRAMWiseStepCache
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     VRAMWiseVideoWriter,
     VRAMWiseUnloadModels,
     VRAMWiseCheckpointLoader,
+    VRAMWiseLoraLoader,
     VRAMWiseStepCache,
 ]
 
