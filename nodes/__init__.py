@@ -8,8 +8,10 @@ from ..vramwise.input_pictures import install_input_pictures
 from . import comfy_bridge as comfy
 from .checkpoint_loader import VRAMWiseCheckpointLoader
 from .comfy_bridge import ComfyExtension, io
+from .lora import VRAMWiseLoraLoader
 from .model_loader import VRAMWiseModelLoader
 from .sampler import VRAMWiseSampler
+from .step_cache import VRAMWiseStepCache
 from .token_merge import VRAMWiseTokenMerge
 from .unload import VRAMWiseUnloadModels
 from .vae_decode import VRAMWiseVAEDecode
@@ -23,6 +25,8 @@ NODES: list[type[io.ComfyNode]] = [
     VRAMWiseVideoWriter,
     VRAMWiseUnloadModels,
     VRAMWiseCheckpointLoader,
+    VRAMWiseLoraLoader,
+    VRAMWiseStepCache,
 ]
 
 

@@ -6,7 +6,8 @@ import torch
 
 from ..vramwise.families import FAMILY_CLASSES
 from ..vramwise.families.base import GenerationRequest
-from ..vramwise.handles import VramwiseModel
+from ..vramwise.families.schedulers import SCHEDULERS
+from ..vramwise.handles import VramwiseModel, patch_note
 from ..vramwise.image_prep import ResizeMode, first_frame, fit_image
 from ..vramwise.loader import CACHE
 from ..vramwise.memory.planned_run import generate_with_plan
@@ -19,6 +20,13 @@ from .types import CATEGORY, VramwiseLatentType, VramwiseModelType
 
 def _defaults_help(field: str) -> str:
     return "; ".join(f"{c.label}: {getattr(c.defaults, field)}" for c in FAMILY_CLASSES)
+
+
+def _patch_line(patch) -> str:
+    """A patch's own report of the run when it keeps one (LoRA: keys applied/ignored, how; step cache: steps
+    computed and skipped, via ``run_note``), else its name."""
+    report = getattr(patch, "report", None)
+    return "\n".join(report) if report else patch_note(patch)
 
 
 class _ComfyObserver:
@@ -82,6 +90,17 @@ class VRAMWiseSampler(io.ComfyNode):
                 io.Float.Input("headroom_gb", default=1.0, min=0.0, max=64.0, step=0.25, optional=True,
                                tooltip="offload_mode auto: GPU memory left free for other programs when "
                                        "vram_budget_gb is 0."),
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="default", optional=True,
+                               tooltip="Wan: default = UniPC (the model's own). flow_euler, dpm++ (2nd order) and "
+                                       "lcm (x0 re-noised each step) are what step/CFG-distill LoRAs are run with "
+                                       "(lightx2v: 4 steps, cfg 1, shift 5). Other families: default only."),
+                io.Float.Input("cfg_low_noise", default=-1.0, min=-1.0, max=30.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Wan2.2 A14B: cfg of the low-noise expert (-1 = same as cfg). Distill "
+                                       "recipes run one expert at cfg 1. Ignored by other models."),
+                io.Float.Input("boundary", default=0.0, min=0.0, max=0.999, step=0.005, round=0.001, optional=True,
+                               tooltip="Wan2.2 A14B: switch to the low-noise expert when the timestep falls below "
+                                       "this share of the schedule (0 = the model's own, 0.9 for I2V). Ignored by "
+                                       "other models."),
             ],
             outputs=[
                 VramwiseLatentType.Output(display_name="latent"),
@@ -107,6 +126,9 @@ class VRAMWiseSampler(io.ComfyNode):
         end_image: torch.Tensor | None = None,
         vram_budget_gb: float = 0.0,
         headroom_gb: float = 1.0,
+        scheduler: str = "default",
+        cfg_low_noise: float = -1.0,
+        boundary: float = 0.0,
     ) -> io.NodeOutput:
         family = model.family
         validate_generation(
@@ -124,7 +146,9 @@ class VRAMWiseSampler(io.ComfyNode):
         request = GenerationRequest(
             image=fit_image(frame, width, height, mode), prompt=prompt, negative_prompt=negative_prompt,
             width=width, height=height, num_frames=num_frames, steps=steps, cfg=cfg, seed=seed, shift=shift,
-            end_image=end,
+            end_image=end, scheduler=scheduler,
+            cfg_low_noise=None if cfg_low_noise < 0 else float(cfg_low_noise),
+            boundary=float(boundary) if boundary > 0 else None,
         )
         if model.loaded.released:
             CACHE.revive(model.loaded, before_load=comfy.free_comfyui_models)
@@ -135,7 +159,9 @@ class VRAMWiseSampler(io.ComfyNode):
         info = "\n".join(
             [f"{family.label}: {width}x{height}, {num_frames} frames, {steps} steps, cfg {cfg:g}, seed {seed}",
              f"device: {comfy.environment_name()}"]
-            + plan_notes + model.loaded.notes + [p.name for p in model.patches] + notes
+            + ([f"scheduler: {scheduler}"] if scheduler != "default" else [])
+            + plan_notes + model.loaded.notes + [_patch_line(p) for p in model.patches]
+            + notes
         )
         return io.NodeOutput(latent, info, ui=comfy.ui.PreviewText(info))
 

@@ -59,6 +59,22 @@ def write_test_images(folder: Path) -> None:
         Image.fromarray((img * 255).astype("uint8")).save(folder / name)
 
 
+LIGHTX2V_LORA = "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"
+WRONG_LORA = "wan_other_width_lora.safetensors"
+PARTIAL_LORA = "wan_partial_lora.safetensors"
+
+
+def write_test_loras(model_folder: Path, loras: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    import tiny_loras
+
+    transformer = WanTransformer3DModel.from_pretrained(model_folder / "transformer")
+    tiny_loras.write_lora(transformer, loras / LIGHTX2V_LORA, "lightx2v")
+    tiny_loras.write_wrong_lora(loras / WRONG_LORA)
+    tiny_loras.write_lora(transformer, loras / "sub" / PARTIAL_LORA, "comfy", blocks=[0], extra_blocks=[5])
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("comfy-base")
@@ -79,6 +95,11 @@ def comfy_server(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactor
 
         single_file_helpers.write_comfy_models(tiny_models_root / "tiny-wan21-i2v", server.models_dir)
     # --- end VRAMWiseCheckpointLoader block ---
+    # --- VRAMWiseLoraLoader: tiny LoRAs in models/loras, the distill one under the name users have (so
+    # workflows/wan21_i2v_480p_lightx2v_lora.json runs), one for another model and one that fits in part. ---
+    if (tiny_models_root / "tiny-wan21-i2v").is_dir():
+        write_test_loras(tiny_models_root / "tiny-wan21-i2v", server.models_dir / "loras")
+    # --- end VRAMWiseLoraLoader block ---
     server.start()
     yield server
     server.stop()

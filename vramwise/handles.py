@@ -46,6 +46,13 @@ class ModelPatch(Protocol):
     def on_step(self, step: int, total: int) -> None: ...
 
 
+def patch_note(patch: ModelPatch) -> str:
+    """The line a patch adds to the sampler's ``info``: its ``run_note()`` (what the last run did) if it has one,
+    else its name."""
+    run_note = getattr(patch, "run_note", None)
+    return run_note() if callable(run_note) else patch.name
+
+
 @dataclass
 class LoadedPipeline:
     """One diffusers pipeline with the offload/precision plan that was applied to it.

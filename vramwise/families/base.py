@@ -53,6 +53,13 @@ class GenerationRequest:
     seed: int
     shift: float
     end_image: Image.Image | None = None
+    scheduler: str = "default"  # families.schedulers.SCHEDULERS; "default" = the pipeline's own
+    cfg_low_noise: float | None = None  # Wan2.2 A14B: guidance of the low-noise expert (None: same as cfg)
+    boundary: float | None = None  # Wan2.2 A14B: switch to the low-noise expert below this share of timesteps
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.cfg > 1.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ class Family(ABC):
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
         """Apply per-run scheduler settings (flow shift) before sampling starts."""
+        if request.scheduler != "default":
+            from ..errors import InputError
+
+            raise InputError("scheduler", f"'{request.scheduler}' is for flow-matching models (Wan); "
+                             f"{self.label} uses its own scheduler.", "pick scheduler 'default'.")
 
     @abstractmethod
     def sample(self, loaded: "LoadedPipeline", request: GenerationRequest, generator: torch.Generator) -> torch.Tensor:

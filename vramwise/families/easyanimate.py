@@ -169,6 +169,7 @@ class EasyAnimateV51InP(Family):
         return int(pipe.vae_spatial_compression_ratio), int(pipe.vae_temporal_compression_ratio)
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
+        super().configure_scheduler(pipe, request)  # refuses the Wan-only scheduler choices
         config = pipe.scheduler.config
         # With dynamic shifting the pipeline's mu=1 decides the schedule and a shift would be ignored.
         if "shift" in config and not config.get("use_dynamic_shifting", False):

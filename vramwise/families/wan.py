@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import InputError
 from ..prompt_cache import encode_prompts
 from .base import Family, FamilyDefaults, GenerationRequest, ModelIndex
+from .schedulers import build_scheduler
 
 if TYPE_CHECKING:
     from ..handles import LoadedPipeline
@@ -24,6 +27,9 @@ MAX_TEXT_TOKENS = 512
 # decoder works a few frames at a time, so the peak scales with pixels per frame, not with frame count.
 _DECODE_BYTES_PER_PIXEL_FULL = 4.62 * 2**30 / (480 * 832)
 _FULL_BASE_DIM = 96
+# Each pipeline's scheduler as loaded: every run builds its scheduler choice from this one, so switching back to
+# "default" after flow_euler gives UniPC again. Keyed weakly by the pipeline (dropped with it).
+_LOADED_SCHEDULER: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 class _WanFamily(Family):
@@ -47,12 +53,37 @@ class _WanFamily(Family):
         return int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
 
     def configure_scheduler(self, pipe: Any, request: GenerationRequest) -> None:
-        config = pipe.scheduler.config
-        if "flow_shift" in config and float(config["flow_shift"]) != float(request.shift):
-            pipe.scheduler = type(pipe.scheduler).from_config(config, flow_shift=float(request.shift))
+        base = _LOADED_SCHEDULER.setdefault(pipe, pipe.scheduler)
+        if request.scheduler == "default" and pipe.scheduler is base:
+            config = base.config
+            if "flow_shift" in config and float(config["flow_shift"]) == float(request.shift):
+                return
+        pipe.scheduler = build_scheduler(request.scheduler, base, request.shift)
+
+    def _expert_settings(self, pipe: Any, request: GenerationRequest) -> tuple[dict[str, Any], float | None]:
+        """(extra pipeline arguments, boundary_ratio for this run) for Wan2.2 A14B's two experts."""
+        two = getattr(pipe, "transformer_2", None) is not None and pipe.config.get("boundary_ratio") is not None
+        if not two:
+            return {}, None
+        kwargs: dict[str, Any] = {}
+        if request.cfg_low_noise is not None:
+            if request.cfg_low_noise > 1.0 and request.cfg <= 1.0:
+                raise InputError(
+                    "cfg_low_noise", f"{request.cfg_low_noise:g} needs the negative prompt, which diffusers runs only "
+                    f"when cfg (the high-noise expert's) is above 1 (it is {request.cfg:g}).",
+                    "set cfg above 1, or cfg_low_noise to 1 (or -1: same as cfg).")
+            kwargs["guidance_scale_2"] = float(request.cfg_low_noise)
+        boundary = None
+        if request.boundary is not None:
+            if not 0.0 < request.boundary < 1.0:
+                raise InputError("boundary", f"{request.boundary:g} is outside 0..1.",
+                                 "use a value between 0 and 1 (0 = the model's own, 0.9 for I2V A14B).")
+            boundary = float(request.boundary)
+        return kwargs, boundary
 
     def sample(self, loaded: "LoadedPipeline", request: GenerationRequest, generator: torch.Generator) -> torch.Tensor:
         pipe = loaded.pipe
+        extra, boundary = self._expert_settings(pipe, request)
         do_cfg = request.cfg > 1.0
         # Prompts are encoded here rather than inside the pipeline so the text encoder may live on another
         # device (text_encoder_on_cpu) than the denoiser.
@@ -86,7 +117,16 @@ class _WanFamily(Family):
         )
         if request.end_image is not None:
             kwargs["last_image"] = request.end_image
-        return pipe(**kwargs).frames
+        kwargs.update(extra)
+        if boundary is None:
+            return pipe(**kwargs).frames
+        # The switch point is pipeline config in diffusers; set for this run only and put back.
+        loaded_boundary = pipe.config.boundary_ratio
+        pipe.register_to_config(boundary_ratio=boundary)
+        try:
+            return pipe(**kwargs).frames
+        finally:
+            pipe.register_to_config(boundary_ratio=loaded_boundary)
 
     def decode(self, loaded: "LoadedPipeline", latents: torch.Tensor) -> torch.Tensor:
         vae = loaded.pipe.vae
