@@ -7,15 +7,39 @@ copied, between a model handle and its patched clones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
 from .offload.placement import Placement
 
-if TYPE_CHECKING:
-    from .families.base import Family
-    from .loader import LoadOptions
+
+class ModelFamily(Protocol):
+    """What a handle needs of its model family. ``families.base.Family`` provides it; the families import this
+    module (for ``LoadedPipeline`` and ``RunInfo``), so it names the family by this protocol and imports nothing of
+    theirs, not even for type checking: the import graph of ``vramwise`` has no cycle at all."""
+
+    id: str
+    label: str
+    denoiser_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a loader node asked for; equal options reuse the loaded pipeline (``loader.PipelineCache``)."""
+
+    folder: Path
+    # offload.OffloadMode and precision.WeightDtype; not imported here because the offload package reaches
+    # this module through token merge's patch (a cycle through annotations, which test_structure forbids).
+    offload_mode: Any
+    weight_dtype: Any
+    text_encoder_on_cpu: bool = False
+    # Optional non-folder source (e.g. single_file.SingleFileSpec): ``family()`` and
+    # ``load(torch_dtype, keep_fp8=...)``; ``folder`` then names its main file in notes and errors.
+    source: Any = None
+    # Host RAM the model may hold (GiB); 0 = what the OS reports available minus a headroom (planner.host_budget).
+    host_ram_budget_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,8 +87,8 @@ class LoadedPipeline:
     """
 
     pipe: Any
-    family: "Family"
-    options: "LoadOptions"
+    family: ModelFamily
+    options: LoadOptions
     device: torch.device
     notes: list[str] = field(default_factory=list)
     released: bool = False
@@ -91,7 +115,7 @@ class VramwiseModel:
     patches: tuple[ModelPatch, ...] = ()
 
     @property
-    def family(self) -> "Family":
+    def family(self) -> ModelFamily:
         return self.loaded.family
 
     def with_patch(self, patch: ModelPatch) -> "VramwiseModel":

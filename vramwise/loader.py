@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,26 +18,13 @@ import torch
 from .device import allocated_bytes, release_memory, trim_host_heap
 from .errors import InputError, ModelFolderError, VramwiseError
 from .families import detect_family
-from .handles import LoadedPipeline
+from .handles import LoadedPipeline, LoadOptions  # LoadOptions lives with the other values passed between nodes
 from .memory import planner
 from .offload import DESCRIPTIONS, OffloadMode, Placement, StreamSettings, apply_offload
 from .offload.stream import SETTINGS as STREAM_SETTINGS
 from .precision import DENOISER_FP8_SKIP, TEXT_ENCODER_FP8_SKIP, WeightDtype, apply_fp8_storage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    folder: Path
-    offload_mode: OffloadMode
-    weight_dtype: WeightDtype
-    text_encoder_on_cpu: bool = False
-    # Optional non-folder source (e.g. single_file.SingleFileSpec): ``family()`` and
-    # ``load(torch_dtype, keep_fp8=...)``; ``folder`` then names its main file in notes and errors.
-    source: Any = None
-    # Host RAM the model may hold (GiB); 0 = what the OS reports available minus a headroom (planner.host_budget).
-    host_ram_budget_gb: float = 0.0
 
 
 def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
