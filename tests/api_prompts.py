@@ -97,6 +97,14 @@ def saved_frames(server: Any, entry: dict[str, Any], node_id: str = "5") -> list
         return [frame.convert("RGB").copy() for frame in ImageSequence.Iterator(im)]
 
 
+def successful_frame_bytes(server: Any, entry: dict[str, Any]) -> list[bytes]:
+    """The RGB bytes of each frame a successful prompt saved (fails with the execution error otherwise), for
+    comparing runs exactly."""
+    status = entry.get("status", {})
+    assert status.get("status_str") == "success", execution_error(entry) or status
+    return [frame.tobytes() for frame in saved_frames(server, entry)]
+
+
 def writer_inputs(images: list, prefix: str, **overrides: Any) -> dict[str, Any]:
     inputs = {
         "images": images, "fps": 16.0, "format": "video/h264-mp4", "filename_prefix": prefix, "save_output": True,

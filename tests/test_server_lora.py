@@ -4,9 +4,8 @@ reload, and the refusals (a LoRA for another model, a partial match) as the user
 from __future__ import annotations
 
 import pytest
-from PIL import Image, ImageSequence
 
-from api_prompts import i2v_prompt, saved_files
+from api_prompts import i2v_prompt, successful_frame_bytes
 from comfy_harness import execution_error
 from conftest import LIGHTX2V_LORA, PARTIAL_LORA, WRONG_LORA
 
@@ -25,15 +24,6 @@ def _with_loras(prompt: dict, *loras: tuple[str, float]) -> dict:
     return prompt
 
 
-def _frames(server, entry) -> list[bytes]:
-    status = entry.get("status", {})
-    assert status.get("status_str") == "success", execution_error(entry) or status
-    files = saved_files(entry)
-    path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
-    with Image.open(path) as im:
-        return [frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(im)]
-
-
 def test_lora_node_lists_the_loras_folder_with_documented_inputs(comfy_server):
     info = comfy_server.object_info()["VRAMWiseLoraLoader"]
     required = info["input"]["required"]
@@ -48,13 +38,13 @@ def test_lora_node_lists_the_loras_folder_with_documented_inputs(comfy_server):
 
 def test_strength_change_and_removal_reuse_the_loaded_model(comfy_server):
     kw = dict(frames=5, cfg=1.0, steps=2, seed=5)
-    plain = _frames(comfy_server, comfy_server.run(i2v_prompt(**kw)))
+    plain = successful_frame_bytes(comfy_server, comfy_server.run(i2v_prompt(**kw)))
     full_entry = comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 1.0)))
-    full = _frames(comfy_server, full_entry)
+    full = successful_frame_bytes(comfy_server, full_entry)
     half_entry = comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 0.5)))
-    half = _frames(comfy_server, half_entry)
-    zero = _frames(comfy_server, comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 0.0))))
-    removed = _frames(comfy_server, comfy_server.run(i2v_prompt(**kw)))
+    half = successful_frame_bytes(comfy_server, half_entry)
+    zero = successful_frame_bytes(comfy_server, comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 0.0))))
+    removed = successful_frame_bytes(comfy_server, comfy_server.run(i2v_prompt(**kw)))
     assert full != plain and half != full
     assert zero == plain and removed == plain
     # The loader reported reusing its model on every run after the first (no reload from disk).
@@ -66,9 +56,9 @@ def test_strength_change_and_removal_reuse_the_loaded_model(comfy_server):
 
 def test_two_chained_loras_apply_together(comfy_server):
     kw = dict(frames=5, cfg=1.0, steps=2, seed=6)
-    one = _frames(comfy_server, comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 1.0))))
+    one = successful_frame_bytes(comfy_server, comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 1.0))))
     entry = comfy_server.run(_with_loras(i2v_prompt(**kw), (LIGHTX2V_LORA, 1.0), (f"sub/{PARTIAL_LORA}", 1.0)))
-    two = _frames(comfy_server, entry)
+    two = successful_frame_bytes(comfy_server, entry)
     assert two != one
     info = entry["outputs"]["3"]["text"][0]
     assert LIGHTX2V_LORA in info and PARTIAL_LORA in info
@@ -86,7 +76,7 @@ def test_lora_for_another_model_fails_naming_the_file_and_the_server_stays_up(co
 
 def test_partial_lora_runs_and_info_counts_the_ignored_keys(comfy_server):
     entry = comfy_server.run(_with_loras(i2v_prompt(frames=5, steps=1, cfg=1.0), (f"sub/{PARTIAL_LORA}", 1.0)))
-    _frames(comfy_server, entry)
+    successful_frame_bytes(comfy_server, entry)
     node_text = entry["outputs"]["30"]["text"][0]
     assert "24 of 26 keys applied" in node_text and "2 ignored" in node_text and "1 layers not in this model" in node_text
 
@@ -103,7 +93,7 @@ def test_flow_scheduler_choices_run(comfy_server):
     for scheduler in ("default", "flow_euler", "dpm++", "lcm"):
         prompt = i2v_prompt(frames=5, steps=3, cfg=1.0, seed=9)
         prompt["3"]["inputs"]["scheduler"] = scheduler
-        outs[scheduler] = _frames(comfy_server, comfy_server.run(prompt))
+        outs[scheduler] = successful_frame_bytes(comfy_server, comfy_server.run(prompt))
     assert len({b"".join(v) for v in outs.values()}) == 4
 
 

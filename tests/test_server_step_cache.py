@@ -4,9 +4,8 @@ video, and a refused model fails the prompt with the fix while the next prompt w
 from __future__ import annotations
 
 import pytest
-from PIL import Image, ImageSequence
 
-from api_prompts import i2v_prompt, saved_files
+from api_prompts import i2v_prompt, successful_frame_bytes
 from comfy_harness import execution_error
 
 pytestmark = pytest.mark.server
@@ -23,15 +22,6 @@ def _with_step_cache(prompt: dict, **inputs) -> dict:
     return prompt
 
 
-def _frames(server, entry) -> list[bytes]:
-    status = entry.get("status", {})
-    assert status.get("status_str") == "success", execution_error(entry) or status
-    files = saved_files(entry)
-    path = server.output_dir / files[0]["subfolder"] / files[0]["filename"]
-    with Image.open(path) as im:
-        return [frame.convert("RGB").tobytes() for frame in ImageSequence.Iterator(im)]
-
-
 def test_step_cache_node_is_registered_with_documented_inputs(comfy_server):
     info = comfy_server.object_info()["VRAMWiseStepCache"]
     assert info["display_name"] == "VRAMWise Step Cache"
@@ -45,13 +35,13 @@ def test_step_cache_node_is_registered_with_documented_inputs(comfy_server):
 
 def test_cached_run_reports_steps_and_threshold_zero_gives_the_plain_video(comfy_server):
     kw = dict(steps=4, seed=5)
-    plain = _frames(comfy_server, comfy_server.run(i2v_prompt(**kw)))
+    plain = successful_frame_bytes(comfy_server, comfy_server.run(i2v_prompt(**kw)))
     entry = comfy_server.run(_with_step_cache(i2v_prompt(**kw)))
-    cached = _frames(comfy_server, entry)
+    cached = successful_frame_bytes(comfy_server, entry)
     info = entry["outputs"]["3"]["text"][0]
     assert "transformer: 2 computed, 2 skipped" in info, info
     assert cached != plain
-    off = _frames(comfy_server, comfy_server.run(_with_step_cache(i2v_prompt(**kw), threshold=0.0)))
+    off = successful_frame_bytes(comfy_server, comfy_server.run(_with_step_cache(i2v_prompt(**kw), threshold=0.0)))
     assert off == plain
 
 
@@ -59,4 +49,4 @@ def test_a_refused_model_names_the_fix_and_the_next_prompt_runs(comfy_server):
     entry = comfy_server.run(_with_step_cache(i2v_prompt("tiny-i2vgenxl", frames=4, steps=2)))
     error = execution_error(entry)
     assert error is not None and "remove the Step Cache node" in error.get("exception_message", ""), error
-    _frames(comfy_server, comfy_server.run(_with_step_cache(i2v_prompt(steps=3), method="easycache")))
+    successful_frame_bytes(comfy_server, comfy_server.run(_with_step_cache(i2v_prompt(steps=3), method="easycache")))
