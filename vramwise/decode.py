@@ -10,7 +10,7 @@ import torch
 
 from .cancel_hooks import block_modules, cancel_hooks
 from .device import free_bytes, is_oom, release_memory
-from .errors import InputError
+from .errors import InputError, parse_choice
 from .handles import VramwiseLatent, VramwiseModel
 from .memory.host_run import check_request_fits_host, host_oom_error, is_host_oom
 
@@ -27,11 +27,7 @@ class TilingMode(str, Enum):
 
     @classmethod
     def parse(cls, value: str) -> "TilingMode":
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise InputError("tiling", f"'{value}' is not a known tiling mode.", f"pick one of {choices}.") from None
+        return parse_choice(cls, value, "tiling", "tiling mode")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@ ComfyUI shows the message verbatim in its error dialog and users cannot read a t
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
 
 class VramwiseError(Exception):
     """Base class for errors raised by the pack on purpose (not bugs)."""
@@ -19,6 +24,16 @@ class InputError(VramwiseError, ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{input_name}: {problem} Fix: {fix}")
+
+
+def parse_choice(choices: type[E], value: str, input_name: str, what: str) -> E:
+    """``value`` as a member of the str enum ``choices``, or an InputError naming the input and every choice
+    (ComfyUI 0.3.75 does not check V3 combo values against their options, so an API prompt can send anything)."""
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(m.value for m in choices)
+        raise InputError(input_name, f"'{value}' is not a known {what}.", f"pick one of {names}.") from None
 
 
 class ModelFolderError(VramwiseError):

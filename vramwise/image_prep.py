@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, parse_choice
 
 
 class ResizeMode(str, Enum):
@@ -17,11 +17,7 @@ class ResizeMode(str, Enum):
 
     @classmethod
     def parse(cls, value: str) -> "ResizeMode":
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise InputError("resize_mode", f"'{value}' is not a known resize mode.", f"pick one of {choices}.") from None
+        return parse_choice(cls, value, "resize_mode", "resize mode")
 
 
 def first_frame(image: torch.Tensor | None, input_name: str = "image") -> tuple[torch.Tensor, str | None]:

@@ -45,8 +45,8 @@ _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2"
                 "U8": 1, "BOOL": 1, "I16": 2}
 
 
-def safetensors_bytes(path: Path) -> dict[str, int]:
-    """Bytes of each tensor in a safetensors file, read from its header only (no weights are loaded)."""
+def safetensors_tensors(path: Path) -> dict[str, tuple[int, int]]:
+    """(elements, bytes) of each tensor in a safetensors file, read from its header only (no weights are loaded)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -57,8 +57,13 @@ def safetensors_bytes(path: Path) -> dict[str, int]:
         numel = 1
         for d in info["shape"]:
             numel *= int(d)
-        out[name] = numel * _DTYPE_BYTES.get(info["dtype"], 2)
+        out[name] = (numel, numel * _DTYPE_BYTES.get(info["dtype"], 2))
     return out
+
+
+def safetensors_bytes(path: Path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, read from its header only (no weights are loaded)."""
+    return {name: nbytes for name, (_, nbytes) in safetensors_tensors(path).items()}
 
 
 def folder_component_bytes(folder: Path) -> dict[str, int]:

@@ -6,31 +6,16 @@ rank count (each rank holds 1/N of the video tokens), but the weights do not: Ul
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Iterable
 
-# bytes per element of the safetensors dtype names
-_ELEMENT = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-            "I8": 1, "U8": 1, "BOOL": 1}
+from ..memory.estimates import safetensors_tensors
 
 
 def safetensors_size(path: Path) -> tuple[int, int]:
     """(elements, bytes) of the tensors in one .safetensors file, from its JSON header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    elements = nbytes = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        count = 1
-        for d in entry["shape"]:
-            count *= int(d)
-        elements += count
-        nbytes += count * _ELEMENT.get(entry["dtype"], 2)
-    return elements, nbytes
+    sizes = safetensors_tensors(path).values()
+    return sum(n for n, _ in sizes), sum(b for _, b in sizes)
 
 
 def denoiser_bytes(folder: Path | str, names: Iterable[str], dtype_bytes: int | None = None) -> int:
