@@ -155,7 +155,7 @@ def run_ours(args, device: torch.device, out: Path) -> None:
     lora_path = tiny_loras.write_lora(pipe.transformer, out / f"lightx2v_random_rank{args.rank}.safetensors",
                                       "lightx2v", rank=args.rank, scale=args.lora_std)
     log(f"wrote {lora_path.name} ({lora_path.stat().st_size / 2**20:.0f} MiB) in {time.time() - t0:.1f}s")
-    for i, mode in enumerate(args.modes.split(",")):
+    for i, mode in enumerate(m for m in args.modes.split(",") if m):  # "" = only write the LoRA (--comfy alone)
         if i and args.tiny:
             pipe = build(args, device)  # tiny: a fresh pipeline per mode (the full one is unplaced instead)
         fp8 = mode.endswith("+fp8")
