@@ -6,8 +6,8 @@ Measures, in one process (GPU), with the LoRA written to a real .safetensors fil
 - the ``stream`` step time with and without the LoRA (target <= 1.02x), at cfg 1 (the distill recipe);
 - the whole 4-step cfg-1 run split into encode (prompt + image until the first denoiser call), steps, decode;
 - optionally (``--comfy``, needs ComfyUI's ``comfy`` package on PYTHONPATH) ComfyUI's native WanModel with the
-  same LoRA file through ``comfy.lora`` + ModelPatcher: time to patch and the step time (all on GPU and under a
-  weights budget).
+  same LoRA file through ``comfy.lora`` + ModelPatcher and ComfyUI's Wan VAE: time to patch, the RSS peak, and the
+  same whole run split (VAE encode, steps, decode), resident and under a weights budget.
 
     python3 bench/lora_bench.py --out $OUT                  # GPU, full size
     python3 bench/lora_bench.py --tiny                      # CPU, tiny dims: checks the script itself
@@ -151,6 +151,7 @@ def run_ours(args, device: torch.device, out: Path) -> None:
     _ftfy_stand_in()
     stream_mod.SETTINGS.compile_blocks = args.compile
     pipe = build(args, device)
+    args.tcfg = dict(pipe.transformer.config)  # for ComfyUI's model of the same shape (--comfy)
     t0 = time.time()
     lora_path = tiny_loras.write_lora(pipe.transformer, out / f"lightx2v_random_rank{args.rank}.safetensors",
                                       "lightx2v", rank=args.rank, scale=args.lora_std)
@@ -225,45 +226,104 @@ def run_ours(args, device: torch.device, out: Path) -> None:
             unplace(pipe, loaded.placement)
 
 
+def comfy_dims(cfg: dict) -> dict:
+    """ComfyUI WanModel arguments for the diffusers transformer config the LoRA was written for."""
+    return dict(model_type="i2v", patch_size=tuple(cfg["patch_size"]), text_len=512, in_dim=cfg["in_channels"],
+                dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"],
+                freq_dim=cfg["freq_dim"], text_dim=cfg["text_dim"], out_dim=cfg["out_channels"],
+                num_heads=cfg["num_attention_heads"], num_layers=cfg["num_layers"], qk_norm=True,
+                cross_attn_norm=True, eps=1e-6)
+
+
 def run_comfy(args, device: torch.device, out: Path) -> None:
-    """ComfyUI's own Wan model with the same LoRA file: comfy.lora key map + ModelPatcher patches."""
-    sys.argv = [sys.argv[0]]
+    """ComfyUI's own Wan model and Wan2.1 VAE with the same LoRA file: comfy.lora key map + ModelPatcher patches,
+    resident and under a weights budget, timed as a whole cfg-1 run (VAE encode of the conditioning video, the
+    steps, VAE decode). ComfyUI's text and CLIP-vision encoders are not run (our encode figure includes both).
+
+    Built and randomized on the GPU: on the CPU, building and filling 16 B parameters did not finish in 520 s
+    on the H100 machine (2026-12-05)."""
+    sys.argv = [sys.argv[0]] + (["--cpu"] if device.type == "cpu" else [])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()  # so --cpu reaches comfy.cli_args (the tiny check on a CPU machine)
     import comfy.lora
-    import comfy.ldm.wan.model as wan
+    import comfy.ldm.wan.vae as wan_vae
     import comfy.model_patcher as mp
-    import comfy.ops
+    import comfy.supported_models
     import comfy.utils
 
-    from offload_bench import inputs, randomize, timed
+    from offload_bench import randomize
 
     lora_path = next(out.glob("lightx2v_random_rank*.safetensors"))
     dt = torch.bfloat16
-    model = wan.WanModel(
-        model_type="i2v", patch_size=(1, 2, 2), text_len=512, in_dim=36, dim=5120, ffn_dim=13824, freq_dim=256,
-        text_dim=4096, out_dim=16, num_heads=40, num_layers=args.layers, qk_norm=True, cross_attn_norm=True,
-        eps=1e-6, device=torch.device("cpu"), dtype=dt, operations=comfy.ops.manual_cast,
-    ).eval()
+    settle(device)
+    build_dev = device  # resident first; detach() moves the model to the CPU for the budget runs
+    t0 = time.perf_counter()
+    # A real BaseModel (what ComfyUI's loaders give ModelPatcher): comfy.lora's key map needs its model_config.
+    mc = comfy.supported_models.WAN21_I2V(dict(comfy_dims(args.tcfg), image_model="wan2.1", dtype=dt))
+    mc.set_inference_dtype(dt, None)
+    base = mc.get_model({}, device=build_dev)
+    model = base.diffusion_model
     randomize(model)
-    torch.set_grad_enabled(False)
+    vae = wan_vae.WanVAE(dim=8 if args.tiny else 96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                         attn_scales=[], temperal_downsample=[False, True, True]).to(device, dt).eval()
+    randomize(vae, 0.01)
+    log(f"comfy: built WanModel + WanVAE on {build_dev} in {time.perf_counter() - t0:.1f}s")
+    g = torch.Generator("cpu").manual_seed(1)
+    frames, h, w = args.frames, args.height, args.width
+    video = torch.zeros(1, 3, frames, h, w)
+    video[:, :, 0] = torch.rand(1, 3, h, w, generator=g) * 2 - 1  # WanImageToVideo: the image, then gray frames
+    lf = (frames - 1) // 4 + 1
+    ctx = (torch.randn(1, 512, args.tcfg["text_dim"], generator=g) * 0.1).to(device, dt)
+    img = (torch.randn(1, 257, 1280, generator=g) * 0.1).to(device, dt)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for budget in [0.0] + [float(b) for b in args.comfy_budgets.split(",") if b]:
-        patcher = mp.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+        label = f"comfy {'resident' if not budget else f'{budget:g}GiB weights budget'}"
+        patcher = mp.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
+        settle(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         rss0 = rss_bytes()
         reset_peak_rss()
         t0 = time.perf_counter()
         sd = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
-        key_map = comfy.lora.model_lora_keys_unet(model, {})
-        patches = comfy.lora.load_lora(sd, key_map)
+        patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(base, {}))
         patcher.add_patches(patches, 1.0)
         patcher.load(device, lowvram_model_memory=int(budget * GiB) if budget else 0, force_patch_weights=False)
-        torch.cuda.synchronize()
+        sync()
         patch_s = time.perf_counter() - t0
-        x, t, ctx, _neg, img = inputs(args.frames, device, dt)
-        s = timed(lambda: model(x, t, ctx, clip_fea=img), args.repeat, 1)
-        result(mode=f"comfy {'all-on-GPU' if not budget else f'{budget:g}GiB budget'}", what="comfy lora step",
-               patch_s=round(patch_s, 2), rss_peak_above_gib=round((rss_bytes("VmHWM") - rss0) / GiB, 3),
-               step_s=round(s, 3), patches=len(patches))
+        rss_patch = rss_bytes("VmHWM") - rss0
+        t0 = time.perf_counter()
+        cond = vae.encode(video.to(device, dt))  # (1, 16, lf, h/8, w/8), the latent of the conditioning video
+        mask = torch.ones(1, 4, lf, h // 8, w // 8, device=device, dtype=dt)
+        sync()
+        encode_s = time.perf_counter() - t0
+        x = torch.randn(1, 16, lf, h // 8, w // 8, generator=g).to(device, dt)
+        step_s = []
+        for i in range(args.steps):
+            t1 = time.perf_counter()
+            t = torch.tensor([1000.0 * (1 - i / args.steps)], device=device)
+            v = model(torch.cat([x, mask, cond], 1), t, ctx, clip_fea=img)
+            x = x - v / args.steps
+            sync()
+            step_s.append(round(time.perf_counter() - t1, 3))
+        t1 = time.perf_counter()
+        pixels = vae.decode(x)
+        sync()
+        decode_s = time.perf_counter() - t1
+        peak = torch.cuda.max_memory_allocated() / GiB if device.type == "cuda" else 0.0
+        result(mode=label, what="comfy lora run", patch_s=round(patch_s, 2),
+               rss_peak_above_gib=round(rss_patch / GiB, 3), encode_s=round(encode_s, 2),
+               steps_s=round(sum(step_s), 2), step_s=step_s, decode_s=round(decode_s, 2),
+               peak_sample_gib=round(peak, 2), patches=len(patches), finite=bool(torch.isfinite(pixels).all()),
+               frames_out=int(pixels.shape[2]))
+        del cond, x, v, pixels, sd, patches
         patcher.detach()
-        torch.cuda.empty_cache()
+        settle(device)
 
 
 def table() -> str:
@@ -280,8 +340,10 @@ def table() -> str:
             rows.append(f"| {r['mode']} | strength 1 -> 0.5 (whole run) | {r['seconds']} | new graphs "
                         f"{r['new_graphs']}, file reads {r['file_reads']}, model loads {r['loads']} | - | - |")
         else:
-            rows.append(f"| {r['mode']} | {r['what']} | patch {r['patch_s']} | ({r['step_s']}) | - | "
-                        f"+{r['rss_peak_above_gib']} |")
+            per = statistics.median(r["step_s"]) if r["step_s"] else 0
+            rows.append(f"| {r['mode']} | {r['what']} (patch {r['patch_s']} s) | {r['encode_s']} | "
+                        f"{r['steps_s']} ({per:.3f}) | {r['decode_s']} | +{r['rss_peak_above_gib']} / "
+                        f"{r['peak_sample_gib']} |")
     plain = {(r["mode"]): statistics.median(r["step_s"]) for r in RESULTS if r["what"] == "run plain"}
     lora = {(r["mode"]): statistics.median(r["step_s"]) for r in RESULTS if r["what"] == "run lora"}
     for mode in plain:
@@ -319,7 +381,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     log(f"device {device}, {args}")
     run_ours(args, device, out)
-    if args.comfy and device.type == "cuda":
+    if args.comfy:
+        gc.collect()  # our pipeline (42 GiB of host RAM at full size) goes before ComfyUI's model is built
         run_comfy(args, device, out)
     text = table()
     (out / "lora_bench.md").write_text(text + "\n")
