@@ -257,18 +257,17 @@ def run_comfy(args, device: torch.device, out: Path) -> None:
     lora_path = next(out.glob("lightx2v_random_rank*.safetensors"))
     dt = torch.bfloat16
     settle(device)
-    build_dev = device  # resident first; detach() moves the model to the CPU for the budget runs
     t0 = time.perf_counter()
     # A real BaseModel (what ComfyUI's loaders give ModelPatcher): comfy.lora's key map needs its model_config.
     mc = comfy.supported_models.WAN21_I2V(dict(comfy_dims(args.tcfg), image_model="wan2.1", dtype=dt))
     mc.set_inference_dtype(dt, None)
-    base = mc.get_model({}, device=build_dev)
+    base = mc.get_model({}, device=device)  # resident first; detach() moves it to the CPU
     model = base.diffusion_model
     randomize(model)
     vae = wan_vae.WanVAE(dim=8 if args.tiny else 96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                          attn_scales=[], temperal_downsample=[False, True, True]).to(device, dt).eval()
     randomize(vae, 0.01)
-    log(f"comfy: built WanModel + WanVAE on {build_dev} in {time.perf_counter() - t0:.1f}s")
+    log(f"comfy: built WanModel + WanVAE on {device} in {time.perf_counter() - t0:.1f}s")
     g = torch.Generator("cpu").manual_seed(1)
     frames, h, w = args.frames, args.height, args.width
     video = torch.zeros(1, 3, frames, h, w)
@@ -293,7 +292,10 @@ def run_comfy(args, device: torch.device, out: Path) -> None:
         sd = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
         patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(base, {}))
         patcher.add_patches(patches, 1.0)
-        patcher.load(device, lowvram_model_memory=int(budget * GiB) if budget else 0, force_patch_weights=False)
+        # Resident = full_load, as model_management.load_models_gpu asks when the model fits: the LoRA is merged
+        # into the weights. lowvram_model_memory=0 without it would make every layer a lowvram one, the LoRA
+        # computed on the fly in each forward (the first version of this bench did that).
+        patcher.load(device, lowvram_model_memory=int(budget * GiB), force_patch_weights=False, full_load=not budget)
         sync()
         patch_s = time.perf_counter() - t0
         rss_patch = rss_bytes("VmHWM") - rss0
