@@ -107,3 +107,45 @@ def test_stream_never_pins_more_than_the_host_budget(tiny_models_root):
     assert "at most" in "\n".join(roomy.notes) and all(e.pinned_cap_bytes < GiB for e in roomy.placement.stream_engines)
     with pytest.raises(InputError, match="offload_mode.*pinned host memory"):
         _tiny_loaded(tiny_models_root, mode="stream", budget_gb=pinned / 2 / GiB)
+
+
+def test_the_folder_preplan_matches_the_loaded_components(tiny_models_root):
+    loaded = _tiny_loaded(tiny_models_root, mode="none")
+    live = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
+    folder = planner.components_from_folder(tiny_models_root / "tiny-wan21-i2v", loaded.family.denoiser_names)
+    assert folder.others == pytest.approx(live.others, rel=0.02)
+    assert folder.denoiser_bytes == live.denoiser_bytes  # fp32 modules and the built rotary tables included
+    assert folder.denoisers[0].layers == live.denoisers[0].layers
+
+
+def _reads(monkeypatch) -> list[tuple[str, torch.dtype]]:
+    from vramwise import weight_loading
+
+    reads, real = [], weight_loading.read_tensor
+    monkeypatch.setattr(weight_loading, "read_tensor", lambda f, st, dtype: reads.append((st.name, dtype)) or real(f, st, dtype))
+    return reads
+
+
+def test_a_host_budget_only_fp8_fits_reads_the_denoiser_straight_into_fp8(tiny_models_root, monkeypatch):
+    folder = planner.components_from_folder(tiny_models_root / "tiny-wan21-i2v", ("transformer",))
+    bf16 = planner.estimate(planner.Plan("stream"), folder, RUN).host_bytes
+    fp8 = planner.estimate(planner.Plan("stream", fp8=True), folder, RUN).host_bytes
+    reads = _reads(monkeypatch)
+    squeezed = _tiny_loaded(tiny_models_root, budget_gb=(bf16 + fp8) / 2 / GiB)
+    q = [dtype for name, dtype in reads if name == "blocks.0.attn1.to_q.weight"]
+    assert q == [torch.float8_e4m3fn]  # never held in bf16 first
+    assert squeezed.placement.plan.plan.fp8
+    assert any("read straight into fp8" in n for n in squeezed.notes)
+    reads.clear()
+    roomy = _tiny_loaded(tiny_models_root, budget_gb=bf16 * 2 / GiB)
+    assert [d for n, d in reads if n == "blocks.0.attn1.to_q.weight"] == [torch.bfloat16]
+    assert roomy.placement.plan.plan == planner.Plan("stream")
+
+
+def test_a_host_budget_nothing_fits_is_refused_before_any_weight_is_read(tiny_models_root, monkeypatch):
+    folder = planner.components_from_folder(tiny_models_root / "tiny-wan21-i2v", ("transformer",))
+    fp8 = planner.estimate(planner.Plan("stream", fp8=True), folder, RUN).host_bytes
+    reads = _reads(monkeypatch)
+    with pytest.raises(InputError, match="host_ram_budget_gb.*Fix: .*smaller model"):
+        _tiny_loaded(tiny_models_root, budget_gb=fp8 / 4 / GiB)
+    assert reads == []

@@ -38,13 +38,14 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             "offload_mode", f"'{options.offload_mode.value}' does not work with {family.label}: {refused}.",
             f"pick one of {usable}.",
         )
+    preplan_fp8 = _host_forces_fp8(options, family)
     try:
         if source is not None:
             keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN
             pipe = source.load(options.weight_dtype.compute_dtype, keep_fp8=keep_fp8)
         else:
             # fp8 storage: families that can read the layers it casts straight into fp8 skip the bf16 copy.
-            fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN and family.loads_fp8_directly
+            fp8 = (options.weight_dtype is WeightDtype.FP8_E4M3FN or preplan_fp8) and family.loads_fp8_directly
             kw = {"fp8_skip": DENOISER_FP8_SKIP + family.fp8_skip_patterns} if fp8 else {}
             pipe = family.load(options.folder, options.weight_dtype.compute_dtype, **kw)
     except VramwiseError:
@@ -67,7 +68,11 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     host = planner.host_budget(options.host_ram_budget_gb, held=planner.comp_bytes(
         planner.components_of(pipe, family.denoiser_names)))
     if mode is OffloadMode.AUTO:
-        mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host)
+        mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host,
+                                                   fp8_only=preplan_fp8)
+        if preplan_fp8:
+            auto_notes.append("host RAM: only fp8 storage fits the host budget, so the denoiser weights were read "
+                              "straight into fp8 (no bf16 copy)")
     if placement.plan is not None:
         auto_notes.append(f"host RAM: the plan holds ~{placement.plan.host_bytes / 2**30:.1f} GiB "
                           f"({placement.plan.pinned_bytes / 2**30:.1f} GiB pinned) of a {host / 2**30:.1f} GiB budget")
@@ -84,10 +89,26 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
                           placement=placement)
 
 
+def _host_forces_fp8(options: LoadOptions, family: Any) -> bool:
+    """offload auto from a folder: plan host RAM from the safetensors headers before reading any weight, so a
+    budget only fp8 storage fits reads fp8 directly (and a budget nothing fits is refused before a long load)."""
+    if (options.offload_mode is not OffloadMode.AUTO or options.source is not None
+            or options.weight_dtype is WeightDtype.FP8_E4M3FN or not family.loads_fp8_directly):
+        return False
+    try:
+        comp = planner.components_from_folder(options.folder, family.denoiser_names)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return False  # a damaged folder: the load below says what is wrong with it
+    if comp is None:
+        return False
+    return planner.host_forces_fp8(comp, planner.host_budget(options.host_ram_budget_gb))
+
+
 def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement, weight_dtype: WeightDtype,
-                  host_budget: int | None = None) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
+                  host_budget: int | None = None,
+                  fp8_only: bool = False) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
     """Ask the planner for a plan and turn it into a concrete mode (fp8 storage applied here when it asks)."""
-    est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget)
+    est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget, fp8_only=fp8_only)
     placement.plan = est
     plan = est.plan
     notes = [f"offload auto: {DESCRIPTIONS[OffloadMode.AUTO]}"]

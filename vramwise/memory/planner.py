@@ -10,8 +10,10 @@ model's ``Placement``; the offload mechanisms never import this module.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
@@ -23,7 +25,7 @@ from ..offload.components import components
 from ..offload.stream import repeated_blocks
 from ..precision import module_bytes
 from .estimates import (FIXED_OVERHEAD, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
-                        lean_activation_bytes, token_merge_extra_bytes, tokens)
+                        lean_activation_bytes, safetensors_tensors, token_merge_extra_bytes, tokens)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -310,18 +312,87 @@ def default_run_for(pipe: Any, denoiser_names: Iterable[str] = ("transformer",))
     return DEFAULT_RUN
 
 
+def components_from_folder(folder: Path, denoiser_names: Iterable[str]) -> Components | None:
+    """The components of a diffusers pipeline folder from its configs and safetensors headers, no weights read:
+    what ``components_of`` would give once loaded in a 16-bit compute dtype. None when a denoiser has no config."""
+    folder = Path(folder)
+    dens, others = [], {}
+    names = set(denoiser_names)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(sub.glob("*.safetensors"))
+        if not files:
+            continue
+        cls = _diffusers_class(folder, sub.name)
+        keep32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+        # As weight_loading reads them: 2 bytes per element whatever the file stores (fp32 / fp8 files load in the
+        # 16-bit compute dtype), 4 in the modules the class keeps in fp32.
+        stored = {name: numel for st in files for name, (numel, _) in safetensors_tensors(st).items()}
+        total = sum(n * (4 if any(m in name.split(".") for m in keep32) else 2) for name, n in stored.items())
+        if sub.name in names:
+            total += _built_buffer_bytes(cls, sub, set(stored))
+            cfg_path = sub / "config.json"
+            if not cfg_path.is_file():
+                return None
+            with open(cfg_path, encoding="utf-8") as f:
+                dens.append(DenoiserShape.from_config(json.load(f), total))
+        else:
+            others[sub.name] = total
+    return Components(tuple(dens), others) if dens else None
+
+
+def _diffusers_class(folder: Path, component: str) -> Any:
+    """The component's diffusers class from model_index.json; None for other libraries' classes (transformers'
+    encoders, which load in the compute dtype) or an unreadable index."""
+    try:
+        with open(folder / "model_index.json", encoding="utf-8") as f:
+            entry = json.load(f).get(component)
+        import diffusers
+
+        return getattr(diffusers, entry[1], None) if isinstance(entry, list) and len(entry) == 2 else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _built_buffer_bytes(cls: Any, folder: Path, stored: set[str]) -> int:
+    """Buffers the model computes when it is built and no file holds (Wan's rotary tables: ~1 MB at 14B, most of
+    a tiny test model): the skeleton is built with empty weights, as the loader builds it."""
+    if cls is None:
+        return 0
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(cls.load_config(folder))
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in stored)
+
+
+def host_forces_fp8(comp: Components, host_budget_bytes: int) -> bool:
+    """Before loading (offload auto): whether only fp8-storage plans fit the host budget, so the loader should read
+    the denoiser weights straight into fp8 instead of holding bf16 first (32.8 GB for Wan2.1 14B, over a 32 GiB
+    machine before the planner could pick fp8). Refuses, naming what would fit, when no plan fits at all."""
+    from ..errors import InputError
+
+    fits = [p for p in PLANS if comp.allows(p) and estimate(p, comp, DEFAULT_RUN).host_bytes <= host_budget_bytes]
+    if not fits:
+        text = host_refusal(comp, DEFAULT_RUN, host_budget_bytes)
+        raise InputError("host_ram_budget_gb", text.split(". Fix: ")[0] + ".", text.split(". Fix: ")[1])
+    return all(p.fp8 for p in fits)
+
+
 def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device,
-                  host_budget_bytes: int | None = None) -> Estimate:
+                  host_budget_bytes: int | None = None, fp8_only: bool = False) -> Estimate:
     """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors).
 
     Host RAM is a hard limit (pinned memory cannot be swapped out; running past it crashes the machine): when no
     plan fits ``host_budget_bytes`` this raises an InputError naming what would. VRAM is re-checked per run.
+    ``fp8_only``: the denoisers were read into fp8 already (``host_forces_fp8``), so only fp8 plans apply.
     """
     from ..errors import InputError
 
     denoisers = tuple(denoiser_names)
     comp = components_of(pipe, denoisers)
     floor = floor_for(key_of(pipe))
+    if fp8_only:
+        floor = max(floor, next(i for i, p in enumerate(PLANS) if p.fp8))
     run = default_run_for(pipe, denoisers)
     host = host_budget_bytes if host_budget_bytes is not None else host_budget(held=comp_bytes(comp))
     fits_host = [p for p in PLANS[floor:] if comp.allows(p) and estimate(p, comp, run).host_bytes <= host]
@@ -347,5 +418,5 @@ def key_of(pipe: Any) -> str:
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
-           "token_merge_conflict", "plan_for_load", "host_budget", "host_refusal", "components_of", "key_of",
+           "token_merge_conflict", "plan_for_load", "components_from_folder", "host_forces_fp8", "host_budget", "host_refusal", "components_of", "key_of",
            "run_with_step_down", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]
