@@ -40,6 +40,7 @@ class Placement:
     denoisers: dict[str, torch.nn.Module] = field(default_factory=dict)
     stream_engines: list[Any] = field(default_factory=list)
     cfg_batchers: list[Any] = field(default_factory=list)
+    leaf_streamers: list[Any] = field(default_factory=list)  # leaf_stream.LeafStreamer of big encoders (stream)
     weight_patchers: list[WeightPatcher] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _releasers: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -61,8 +62,11 @@ class Placement:
             eng.remove()
         for b in self.cfg_batchers:
             b.detach()
+        for streamer in self.leaf_streamers:
+            streamer.remove()
         self.stream_engines.clear()
         self.cfg_batchers.clear()
+        self.leaf_streamers.clear()
 
     def name_of(self, module: torch.nn.Module) -> str | None:
         """Qualified name of a denoiser's Linear (``transformer.blocks.0.attn1.to_q``), None for other modules."""

@@ -40,6 +40,7 @@ from ..precision import module_bytes
 from .cfg_batching import CfgBatcher
 from .compile import compile_available, resolve_compile
 from .lean_wan import DEFAULT_CHUNK_ROWS, LEAN_FORWARDS
+from .leaf_stream import stream_leaves
 from .components import components
 
 if TYPE_CHECKING:
@@ -626,10 +627,8 @@ def place_stream(pipe: Any, placement: "Placement", skip: Iterable[str], denoise
         if name in denoisers:
             continue
         if device.type == "cuda" and above is not None and module_bytes(module) > above:
-            from diffusers.hooks import apply_group_offloading
-
-            apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                                   offload_type="leaf_level", use_stream=True, non_blocking=True)
+            # leaf by leaf from its own host weights, no second copy, releasable between prompts (leaf_stream.py)
+            placement.leaf_streamers.append(stream_leaves(module, device))
             continue
         _, previous = cpu_offload_with_hook(module, device, prev_module_hook=previous)
         hooks.append(previous)
@@ -655,6 +654,8 @@ def place_stream(pipe: Any, placement: "Placement", skip: Iterable[str], denoise
     def release() -> None:
         for hook in hooks:
             hook.offload()
+        for streamer in placement.leaf_streamers:
+            streamer.restore_all()
         for eng in engines:
             eng.release()
         for b in batchers:
