@@ -52,7 +52,8 @@ def test_stream_pins_the_blocks_once_and_fp8_halves_it():
 
 def test_plans_are_ordered_fastest_first_and_each_needs_less_vram():
     comp, run = _comp(), planner.RunShape(21, 60, 104, True)
-    peaks = [planner.estimate(p, comp, run).vram_peak for p in planner.PLANS]
+    # the one-expert plan (two experts sharing one set of pinned buffers) needs stream fp8's VRAM: it saves host RAM
+    peaks = [planner.estimate(p, comp, run).vram_peak for p in planner.PLANS if not p.one_expert]
     assert peaks[0] > peaks[1] >= peaks[2] > peaks[3]
     # sequential (stock forward, every layer fetched) stays the last resort: slowest, and since the stream
     # engine's lean forward no longer smaller than stream fp8 with CFG passes one after the other

@@ -49,19 +49,43 @@ def test_a_12gib_card_gets_the_fastest_plan_whose_host_ram_fits(comp, host, plan
     assert all(planner.estimate(p, comp, RUN).host_bytes > host * GiB for p in faster if p.offload != "none")
 
 
-@pytest.mark.parametrize("comp,host", [(wan21(), 24), (a14b(), 32), (a14b(TE_FP8), 24)],
-                         ids=["wan21-24GiB", "a14b-32GiB", "a14b-fp8-24GiB"])
+ONE = planner.Plan("stream", fp8=True, one_expert=True)
+
+
+@pytest.mark.parametrize("comp,host", [(wan21(), 24), (a14b(), 20), (a14b(TE_FP8), 16)],
+                         ids=["wan21-24GiB", "a14b-20GiB", "a14b-fp8-16GiB"])
 def test_when_nothing_fits_the_host_budget_the_refusal_names_what_would(comp, host):
     text = planner.host_refusal(comp, RUN, int(host * GiB))
     bf16 = planner.estimate(planner.Plan("stream"), comp, RUN).host_bytes / GiB
     fp8 = planner.estimate(planner.Plan("stream", fp8=True), comp, RUN).host_bytes / GiB
-    assert fp8 > host
+    need = min(fp8, planner.estimate(ONE, comp, RUN).host_bytes / GiB) if comp.allows(ONE) else fp8
+    assert need > host
     assert f"~{bf16:.1f} GiB of host RAM in bf16 and ~{fp8:.1f} GiB with fp8 storage" in text
     assert f"budget is {host:.1f} GiB" in text
-    assert "smaller model" in text and f"raise host_ram_budget_gb to at least {fp8:.1f}" in text
+    assert "smaller model" in text and f"raise host_ram_budget_gb to at least {need:.1f}" in text
     assert "Fix: weight_dtype fp8_e4m3fn" not in text  # fp8 does not fit either, so it is not offered
     with pytest.raises(planner.NothingFits):
         choose(comp, host)
+
+
+@pytest.mark.parametrize("comp,host,one_expert", [(a14b(), 32, True), (a14b(TE_FP8), 24, True),
+                                                   (a14b(), 40, False), (wan21(), 32, False)],
+                         ids=["a14b-32GiB", "a14b-fp8-24GiB", "a14b-40GiB", "wan21-32GiB"])
+def test_only_where_both_experts_do_not_fit_is_one_pinned_at_a_time(comp, host, one_expert):
+    pre = planner.host_preplan(comp, int(host * GiB))
+    assert pre.fp8 and pre.one_expert is one_expert
+    if one_expert:  # what the loader places then: the one-expert plan, within the budget
+        est = planner.estimate(ONE, comp, RUN)
+        assert est.host_bytes <= host * GiB and est.pinned_bytes * 2 == pytest.approx(
+            planner.estimate(planner.Plan("stream", fp8=True), comp, RUN).pinned_bytes)
+
+
+def test_the_run_time_planner_and_the_oom_step_down_never_enter_the_one_expert_plan():
+    comp = a14b()
+    with pytest.raises(planner.NothingFits):
+        planner.choose(comp, RUN, vram_budget=12 * GiB, host_budget=32 * GiB)  # only a load can leave blocks unread
+    assert planner.next_plan(planner.Plan("stream", fp8=True)) == planner.Plan("stream", fp8=True, cfg_batch=False)
+    assert planner.choose(comp, RUN, 12 * GiB, 32 * GiB, floor=planner.ONE_EXPERT).plan == ONE
 
 
 def test_the_refusal_offers_fp8_when_fp8_would_fit():

@@ -38,15 +38,17 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             "offload_mode", f"'{options.offload_mode.value}' does not work with {family.label}: {refused}.",
             f"pick one of {usable}.",
         )
-    preplan_fp8 = _host_forces_fp8(options, family)
+    preplan = _host_preplan(options, family)
     try:
         if source is not None:
             keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN
             pipe = source.load(options.weight_dtype.compute_dtype, keep_fp8=keep_fp8)
         else:
             # fp8 storage: families that can read the layers it casts straight into fp8 skip the bf16 copy.
-            fp8 = (options.weight_dtype is WeightDtype.FP8_E4M3FN or preplan_fp8) and family.loads_fp8_directly
+            fp8 = (options.weight_dtype is WeightDtype.FP8_E4M3FN or preplan.fp8) and family.loads_fp8_directly
             kw = {"fp8_skip": DENOISER_FP8_SKIP + family.fp8_skip_patterns} if fp8 else {}
+            if preplan.one_expert:
+                kw["unread_blocks"] = family.denoiser_names[1:]  # filled from their files when their turn comes
             pipe = family.load(options.folder, options.weight_dtype.compute_dtype, **kw)
     except VramwiseError:
         raise
@@ -58,6 +60,8 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
         ) from e
     notes = [f"{family.label} from '{options.folder.name}'"]
     placement = Placement(device=device, fp8_skip=DENOISER_FP8_SKIP + family.fp8_skip_patterns)
+    if preplan.one_expert:
+        placement.expert_files = {n: options.folder / n for n in family.denoiser_names}
     if options.weight_dtype is WeightDtype.FP8_E4M3FN:
         targets = [(getattr(pipe, n, None), placement.fp8_skip) for n in family.denoiser_names]
         targets += [(getattr(pipe, n, None), TEXT_ENCODER_FP8_SKIP) for n in family.text_encoder_names]
@@ -69,8 +73,8 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
         planner.components_of(pipe, family.denoiser_names)))
     if mode is OffloadMode.AUTO:
         mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host,
-                                                   fp8_only=preplan_fp8)
-        if preplan_fp8:
+                                                   fp8_only=preplan.fp8, one_expert=preplan.one_expert)
+        if preplan.fp8:
             auto_notes.append("host RAM: only fp8 storage fits the host budget, so the denoiser weights were read "
                               "straight into fp8 (no bf16 copy)")
     if placement.plan is not None:
@@ -89,26 +93,29 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
                           placement=placement)
 
 
-def _host_forces_fp8(options: LoadOptions, family: Any) -> bool:
+def _host_preplan(options: LoadOptions, family: Any) -> planner.HostPreplan:
     """offload auto from a folder: plan host RAM from the safetensors headers before reading any weight, so a
-    budget only fp8 storage fits reads fp8 directly (and a budget nothing fits is refused before a long load)."""
+    budget only fp8 storage fits reads fp8 directly, one only a single pinned expert fits leaves the second
+    expert's blocks unread, and one nothing fits is refused before a long load."""
+    none = planner.HostPreplan()
     if (options.offload_mode is not OffloadMode.AUTO or options.source is not None
             or options.weight_dtype is WeightDtype.FP8_E4M3FN or not family.loads_fp8_directly):
-        return False
+        return none
     try:
         comp = planner.components_from_folder(options.folder, family.denoiser_names)
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return False  # a damaged folder: the load below says what is wrong with it
+        return none  # a damaged folder: the load below says what is wrong with it
     if comp is None:
-        return False
-    return planner.host_forces_fp8(comp, planner.host_budget(options.host_ram_budget_gb))
+        return none
+    return planner.host_preplan(comp, planner.host_budget(options.host_ram_budget_gb))
 
 
 def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement, weight_dtype: WeightDtype,
-                  host_budget: int | None = None,
-                  fp8_only: bool = False) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
+                  host_budget: int | None = None, fp8_only: bool = False,
+                  one_expert: bool = False) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
     """Ask the planner for a plan and turn it into a concrete mode (fp8 storage applied here when it asks)."""
-    est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget, fp8_only=fp8_only)
+    est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget, fp8_only=fp8_only,
+                                one_expert=one_expert)
     placement.plan = est
     plan = est.plan
     notes = [f"offload auto: {DESCRIPTIONS[OffloadMode.AUTO]}"]

@@ -123,9 +123,12 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def load_model(cls: Any, folder: Path, dtype: torch.dtype, fp8_skip: Iterable[str] | None = None) -> Any:
+def load_model(cls: Any, folder: Path, dtype: torch.dtype, fp8_skip: Iterable[str] | None = None,
+               unread_prefix: str | None = None) -> Any:
     """``cls`` (a diffusers ModelMixin) from ``folder`` in ``dtype``; with ``fp8_skip``, the layers fp8 storage
-    casts are loaded as fp8 directly (fp8 storage applied afterwards finds them already cast)."""
+    casts are loaded as fp8 directly (fp8 storage applied afterwards finds them already cast). Tensors whose name
+    starts with ``unread_prefix`` are not read: they stay on the meta device in the dtype they would have had
+    (the stream engine's one-expert plan fills them from the file later)."""
     from accelerate import init_empty_weights
 
     given, folder = folder, Path(folder)  # the config records the name as given, as from_pretrained does
@@ -151,7 +154,10 @@ def load_model(cls: Any, folder: Path, dtype: torch.dtype, fp8_skip: Iterable[st
                         want = torch.float32
                     else:
                         want = dtype
-                _assign(model, st.name, read_tensor(f, st, want))
+                if unread_prefix is not None and st.name.startswith(unread_prefix):
+                    _assign(model, st.name, torch.empty(st.shape, dtype=want, device="meta"))
+                else:
+                    _assign(model, st.name, read_tensor(f, st, want))
                 seen.add(st.name)
     missing = sorted(expected - seen)
     if missing:
@@ -164,8 +170,10 @@ def load_model(cls: Any, folder: Path, dtype: torch.dtype, fp8_skip: Iterable[st
 
 
 def load_denoisers(folder: Path, names: Iterable[str], dtype: torch.dtype,
-                   fp8_skip: Iterable[str] | None = None) -> dict[str, Any]:
-    """{component name: model} for the named components of a pipeline folder (classes from model_index.json)."""
+                   fp8_skip: Iterable[str] | None = None, unread_blocks: Iterable[str] = ()) -> dict[str, Any]:
+    """{component name: model} for the named components of a pipeline folder (classes from model_index.json);
+    the repeated blocks (``blocks.``) of the components in ``unread_blocks`` are left unread (meta)."""
+    unread = set(unread_blocks)
     import diffusers
 
     with open(Path(folder) / "model_index.json", encoding="utf-8") as f:
@@ -175,7 +183,8 @@ def load_denoisers(folder: Path, names: Iterable[str], dtype: torch.dtype,
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
             continue
-        out[name] = load_model(getattr(diffusers, entry[1]), Path(folder) / name, dtype, fp8_skip)
+        out[name] = load_model(getattr(diffusers, entry[1]), Path(folder) / name, dtype, fp8_skip,
+                               "blocks." if name in unread else None)
     return out
 
 

@@ -40,13 +40,15 @@ class _WanFamily(Family):
     # WanTransformer3DModel._cp_plan splits the video tokens at blocks.0 and gathers them at proj_out.
     supports_context_parallel = True
 
-    def load(self, folder: Path, torch_dtype: torch.dtype, fp8_skip: tuple[str, ...] | None = None) -> Any:
+    def load(self, folder: Path, torch_dtype: torch.dtype, fp8_skip: tuple[str, ...] | None = None,
+             unread_blocks: tuple[str, ...] = ()) -> Any:
         from diffusers import WanImageToVideoPipeline
 
         from ..weight_loading import load_denoisers
 
-        # The denoisers (nearly all the bytes) are read tensor by tensor into their final dtype (weight_loading.py).
-        denoisers = load_denoisers(folder, self.denoiser_names, torch_dtype, fp8_skip)
+        # The denoisers (nearly all the bytes) are read tensor by tensor into their final dtype (weight_loading.py);
+        # the blocks of those named in ``unread_blocks`` stay unread (the one-expert plan fills them later).
+        denoisers = load_denoisers(folder, self.denoiser_names, torch_dtype, fp8_skip, unread_blocks)
         return WanImageToVideoPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **denoisers)
 
     def latent_factors(self, pipe: Any) -> tuple[int, int]:

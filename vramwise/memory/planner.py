@@ -38,11 +38,17 @@ class Plan:
     offload: str  # an OffloadMode value
     fp8: bool = False
     cfg_batch: bool = True
+    # Two experts of one block layout (Wan2.2 A14B) share one set of pinned block buffers: the expert not running
+    # is re-read from its files when its turn comes (offload/expert_swap.py). Only the loader enters this plan,
+    # because it decides what is read at load (the second expert's blocks are not).
+    one_expert: bool = False
 
     def describe(self) -> str:
         parts = [self.offload, "fp8 storage" if self.fp8 else "bf16"]
         if self.offload == "stream":
             parts.append("CFG batched" if self.cfg_batch else "CFG sequential")
+        if self.one_expert:
+            parts.append("one expert pinned at a time")
         return ", ".join(parts)
 
 
@@ -50,9 +56,11 @@ PLANS: tuple[Plan, ...] = (
     Plan("none"),
     Plan("stream"),
     Plan("stream", fp8=True),
+    Plan("stream", fp8=True, one_expert=True),
     Plan("stream", fp8=True, cfg_batch=False),
     Plan("sequential", fp8=True, cfg_batch=False),
 )
+ONE_EXPERT = next(i for i, p in enumerate(PLANS) if p.one_expert)
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,17 @@ class Components:
         """Stream plans need repeated blocks to stream; a UNet (I2VGen-XL) has none."""
         return bool(self.denoisers) and all(d.layers > 0 for d in self.denoisers)
 
+    @property
+    def experts_share_layout(self) -> bool:
+        """Two denoisers whose blocks are the same shapes (Wan2.2 A14B's experts): one set of buffers serves both."""
+        if len(self.denoisers) != 2:
+            return False
+        a, b = self.denoisers
+        return a.layers == b.layers and a.block_bytes == b.block_bytes and a.layers > 0
+
     def allows(self, plan: "Plan") -> bool:
+        if plan.one_expert and not self.experts_share_layout:
+            return False
         return plan.offload != "stream" or self.streamable
 
 
@@ -106,7 +124,7 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
     batch = 2 if (run.do_cfg and plan.cfg_batch and plan.offload != "sequential") else 1
     d_peak = 0
     pinned = 0
-    for d in comp.denoisers:
+    for i, d in enumerate(comp.denoisers):
         n = tokens(run.latent_frames, run.latent_height, run.latent_width, d.patch)
         act = activation_bytes(n, d.hidden, batch, compiled)
         if run.token_merge:
@@ -124,7 +142,8 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
             if run.token_merge:
                 blocks_phase += token_merge_extra_bytes(n, d.hidden, batch, lean=True)
             peak = max(d.non_block_bytes + slots, slots + blocks_phase)
-            pinned += store * d.layers
+            if not (plan.one_expert and i > 0):  # the second expert's blocks live in the first one's buffers
+                pinned += store * d.layers
         elif plan.offload == "model":
             peak = d.total_bytes + act
         elif plan.offload == "group":
@@ -138,7 +157,11 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
     else:
         encoders = max(comp.others.values(), default=0)
     allocated = max(d_peak, encoders, comp.vae_decode_peak)
-    weights_host = comp.denoiser_bytes // (2 if plan.fp8 else 1) + sum(comp.others.values())
+    denoisers_host = comp.denoiser_bytes
+    if plan.one_expert and len(comp.denoisers) == 2:
+        second = comp.denoisers[1]
+        denoisers_host -= second.block_bytes * second.layers
+    weights_host = denoisers_host // (2 if plan.fp8 else 1) + sum(comp.others.values())
     return Estimate(plan, int(allocated + FIXED_OVERHEAD), int(weights_host), int(pinned), int(allocated))
 
 
@@ -172,7 +195,7 @@ def choose(comp: Components, run: RunShape, vram_budget: int, host_budget: int, 
     """The fastest plan from ``PLANS[floor:]`` whose estimate fits both budgets."""
     tried = []
     for plan in PLANS[floor:]:
-        if not comp.allows(plan):
+        if not comp.allows(plan) or (plan.one_expert and floor != ONE_EXPERT):
             continue
         est = estimate(plan, comp, run, compiled)
         tried.append(est)
@@ -207,13 +230,16 @@ def host_refusal(comp: Components, run: RunShape, budget: int, input_name: str =
     """Why no plan fits ``budget`` bytes of host RAM, naming what would: fp8 storage, a smaller model, more RAM."""
     by_plan = {}
     for plan in PLANS:
-        if comp.allows(plan):
+        if comp.allows(plan) and not plan.one_expert:
             by_plan.setdefault(plan.fp8, estimate(plan, comp, run).host_bytes)
+    one = estimate(PLANS[ONE_EXPERT], comp, run).host_bytes if comp.allows(PLANS[ONE_EXPERT]) else None
     bf16, fp8 = by_plan.get(False), by_plan.get(True)
-    need = min(v for v in by_plan.values() if v is not None)
+    need = min(v for v in list(by_plan.values()) + [one] if v is not None)
     parts = [f"the model needs ~{need / GiB:.1f} GiB of host RAM at the least"]
     if bf16 is not None and fp8 is not None:
         parts = [f"the model needs ~{bf16 / GiB:.1f} GiB of host RAM in bf16 and ~{fp8 / GiB:.1f} GiB with fp8 storage"]
+        if one is not None:
+            parts[0] += f" (~{one / GiB:.1f} GiB with one expert pinned at a time)"
     fixes = []
     if fp8 is not None and fp8 <= budget:
         fixes.append("weight_dtype fp8_e4m3fn (or offload_mode auto, which picks it)")
@@ -251,8 +277,9 @@ def clear_floors() -> None:
 
 
 def next_plan(plan: Plan) -> Plan | None:
-    i = PLANS.index(plan)
-    return PLANS[i + 1] if i + 1 < len(PLANS) else None
+    """The next safer plan; never into the one-expert plan (only a load can enter it, see Plan.one_expert)."""
+    later = [p for p in PLANS[PLANS.index(plan) + 1:] if not p.one_expert]
+    return later[0] if later else None
 
 
 def run_with_step_down(
@@ -365,26 +392,37 @@ def _built_buffer_bytes(cls: Any, folder: Path, stored: set[str]) -> int:
     return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in stored)
 
 
-def host_forces_fp8(comp: Components, host_budget_bytes: int) -> bool:
-    """Before loading (offload auto): whether only fp8-storage plans fit the host budget, so the loader should read
-    the denoiser weights straight into fp8 instead of holding bf16 first (32.8 GB for Wan2.1 14B, over a 32 GiB
-    machine before the planner could pick fp8). Refuses, naming what would fit, when no plan fits at all."""
+@dataclass(frozen=True)
+class HostPreplan:
+    """What the host budget decides before any weight is read (offload auto, from the folder's headers)."""
+
+    fp8: bool = False  # only fp8-storage plans fit: read the denoisers straight into fp8
+    one_expert: bool = False  # only the one-expert plan fits: leave the second expert's blocks unread
+
+
+def host_preplan(comp: Components, host_budget_bytes: int) -> HostPreplan:
+    """Before loading (offload auto): whether only fp8-storage plans fit the host budget, so the loader reads the
+    denoiser weights straight into fp8 instead of holding bf16 first (32.8 GB for Wan2.1 14B, over a 32 GiB
+    machine before the planner could pick fp8), and whether only one expert of two fits pinned. Refuses, naming
+    what would fit, when no plan fits at all."""
     from ..errors import InputError
 
     fits = [p for p in PLANS if comp.allows(p) and estimate(p, comp, DEFAULT_RUN).host_bytes <= host_budget_bytes]
     if not fits:
         text = host_refusal(comp, DEFAULT_RUN, host_budget_bytes)
         raise InputError("host_ram_budget_gb", text.split(". Fix: ")[0] + ".", text.split(". Fix: ")[1])
-    return all(p.fp8 for p in fits)
+    return HostPreplan(fp8=all(p.fp8 for p in fits), one_expert=all(p.one_expert for p in fits))
 
 
 def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device,
-                  host_budget_bytes: int | None = None, fp8_only: bool = False) -> Estimate:
+                  host_budget_bytes: int | None = None, fp8_only: bool = False,
+                  one_expert: bool = False) -> Estimate:
     """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors).
 
     Host RAM is a hard limit (pinned memory cannot be swapped out; running past it crashes the machine): when no
     plan fits ``host_budget_bytes`` this raises an InputError naming what would. VRAM is re-checked per run.
-    ``fp8_only``: the denoisers were read into fp8 already (``host_forces_fp8``), so only fp8 plans apply.
+    ``fp8_only``: the denoisers were read into fp8 already (``host_preplan``), so only fp8 plans apply;
+    ``one_expert``: the second expert's blocks were left unread, so the one-expert plan (or a safer one) applies.
     """
     from ..errors import InputError
 
@@ -393,9 +431,12 @@ def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device
     floor = floor_for(key_of(pipe))
     if fp8_only:
         floor = max(floor, next(i for i, p in enumerate(PLANS) if p.fp8))
+    if one_expert:
+        floor = max(floor, ONE_EXPERT)
     run = default_run_for(pipe, denoisers)
     host = host_budget_bytes if host_budget_bytes is not None else host_budget(held=comp_bytes(comp))
-    fits_host = [p for p in PLANS[floor:] if comp.allows(p) and estimate(p, comp, run).host_bytes <= host]
+    fits_host = [p for p in PLANS[floor:] if comp.allows(p) and estimate(p, comp, run).host_bytes <= host
+                 and (not p.one_expert or floor == ONE_EXPERT)]
     if not fits_host:
         raise InputError("host_ram_budget_gb", host_refusal(comp, run, host).split(". Fix: ")[0] + ".",
                          host_refusal(comp, run, host).split(". Fix: ")[1])
@@ -418,5 +459,5 @@ def key_of(pipe: Any) -> str:
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
-           "token_merge_conflict", "plan_for_load", "components_from_folder", "host_forces_fp8", "host_budget", "host_refusal", "components_of", "key_of",
+           "token_merge_conflict", "plan_for_load", "components_from_folder", "host_preplan", "HostPreplan", "host_budget", "host_refusal", "components_of", "key_of",
            "run_with_step_down", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]

@@ -254,7 +254,10 @@ class LeanWan:
             w = w.to(self.compute_dtype)
         for patcher in self.weight_patchers:
             w = patcher.transform_weight(linear, w)
-        return w, linear.bias
+        b = linear.bias
+        if b is not None and b.dtype.is_floating_point and b.element_size() == 1:  # read as fp8 with its weight
+            b = b.to(self.compute_dtype)
+        return w, b
 
     def _chunks(self, batch: int, n: int) -> list[tuple[int, int, int]]:
         """(batch row, first token, end token) of each chunk: one batch row at a time, so every chunk of a

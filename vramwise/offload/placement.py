@@ -41,6 +41,10 @@ class Placement:
     stream_engines: list[Any] = field(default_factory=list)
     cfg_batchers: list[Any] = field(default_factory=list)
     leaf_streamers: list[Any] = field(default_factory=list)  # leaf_stream.LeafStreamer of big encoders (stream)
+    # The one-expert plan (Wan2.2 A14B): each expert's component folder, re-read into the shared pinned buffers
+    # when that expert's turn comes (expert_swap.py); empty otherwise.
+    expert_files: dict[str, Any] = field(default_factory=dict)
+    expert_host: Any = None  # expert_swap.SharedBlockHost while the one-expert plan is placed
     weight_patchers: list[WeightPatcher] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _releasers: list[Callable[[], None]] = field(default_factory=list, repr=False)

@@ -44,6 +44,7 @@ from .leaf_stream import stream_leaves
 from .components import components
 
 if TYPE_CHECKING:
+    from .expert_swap import SharedBlockHost
     from .lean_wan import LeanWan
     from .placement import Placement
 
@@ -216,9 +217,15 @@ class StreamOffload:
         blocks: list[torch.nn.Module] | None = None,
         trace: bool = False,
         weight_patchers: list | None = None,
+        expert_host: "SharedBlockHost | None" = None,
+        weight_file: Any = None,
     ) -> None:
         s = settings or StreamSettings()
         self.model = model
+        # The one-expert plan (expert_swap.py): block buffers shared with another engine, refilled from this
+        # model's component folder ``weight_file`` when it activates while they hold the other's blocks.
+        self.expert_host = expert_host
+        self.weight_file = weight_file
         self.device = torch.device(device)
         self.blocks = blocks if blocks is not None else repeated_blocks(model)
         if not self.blocks:
@@ -248,7 +255,9 @@ class StreamOffload:
         self.transient = [m for m in (getattr(model, n, None) for n in transient)
                           if isinstance(m, torch.nn.Module) and id(m) not in block_ids]
         self.transient_layouts = [plan_layout(m) for m in self.transient]
-        self._check_host(s.pinned_cap_bytes)
+        sharing = expert_host is not None and expert_host.buffers is not None
+        if not sharing:
+            self._check_host(s.pinned_cap_bytes)
         self._pack()
         self._handles: list[Any] = []
         self._ffn_originals: list[tuple[torch.nn.Module, bool]] = []
@@ -295,7 +304,9 @@ class StreamOffload:
                     if e.dtype.is_floating_point and e.dtype not in FP8_DTYPES:
                         totals[e.dtype] = totals.get(e.dtype, 0) + e.numel
             if totals:
-                return max(totals, key=totals.get)
+                # Weights read as fp8 leave only norms and fp32-kept tensors: compute in 16 bits when any are.
+                half = {d: n for d, n in totals.items() if d.itemsize == 2}
+                return max(half or totals, key=(half or totals).get)
         return torch.bfloat16
 
     @property
@@ -320,7 +331,34 @@ class StreamOffload:
 
     def _pack(self) -> None:
         """Move every block's tensors into its flat host buffer and point the block at views of it."""
-        for layout in self.layouts + self.transient_layouts:
+        shared = self.expert_host
+        if shared is not None and shared.buffers is not None:
+            self._share_blocks(shared)
+            layouts = self.transient_layouts
+        else:
+            layouts = self.layouts + self.transient_layouts
+        self._pack_layouts(layouts)
+        if shared is not None and shared.buffers is None:
+            shared.adopt(self)
+
+    def _share_blocks(self, shared: "SharedBlockHost") -> None:
+        """Point this engine's (unread, meta) blocks at the buffers of the engine that packed first."""
+        from .expert_swap import same_layout
+
+        if not same_layout(shared.owner.layouts, self.layouts):
+            raise ValueError("the experts' blocks differ in layout: they cannot share one set of host buffers")
+        for layout, host in zip(self.layouts, shared.buffers):
+            layout.host = host
+            for e in layout.entries:
+                view = _view(host, e)
+                if e.is_param:
+                    # a meta Parameter cannot take host data through .data: replace it (nothing holds it yet)
+                    e.module._parameters[e.name] = torch.nn.Parameter(view, requires_grad=False)
+                else:
+                    e.module._buffers[e.name] = view
+
+    def _pack_layouts(self, layouts: list[BlockLayout]) -> None:
+        for layout in layouts:
             host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.pin)
             for e in layout.entries:
                 view = _view(host, e)
@@ -422,6 +460,8 @@ class StreamOffload:
             return
         if self.on_activate is not None:
             self.on_activate()
+        if self.expert_host is not None:
+            self.expert_host.take(self)  # re-reads this expert's blocks if the buffers hold the other's
         self._move_resident(self.device)
         n_slots = self.depth + 1
         self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
@@ -605,6 +645,10 @@ class StreamOffload:
         if self.lean is not None:
             text += f"; lean chunked forward on {len(self.lean.blocks)} blocks"
             text += " (compiled pieces)" if self.lean.compiled else ""
+        if self.expert_host is not None:
+            swaps = self.expert_host.swaps
+            text += "; block buffers shared with the other expert (one pinned at a time"
+            text += f", {len(swaps)} re-reads, last {swaps[-1]:.1f} s)" if swaps else ")"
         return text
 
 
@@ -639,10 +683,17 @@ def place_stream(pipe: Any, placement: "Placement", skip: Iterable[str], denoise
         for eng in engines:
             eng.release()
 
-    for name, module in components(pipe, skip):
-        if name not in denoisers:
-            continue
-        eng = StreamOffload(module, device, SETTINGS, weight_patchers=placement.weight_patchers)
+    shared = None
+    if placement.expert_files and len(denoisers) == 2:
+        from .expert_swap import SharedBlockHost
+
+        shared = placement.expert_host = SharedBlockHost()
+    # Loaded denoisers first: under the one-expert plan the first packs the buffers the unread one then shares.
+    ordered = sorted((c for c in components(pipe, skip) if c[0] in denoisers),
+                     key=lambda c: any(p.device.type == "meta" for p in c[1].parameters()))
+    for name, module in ordered:
+        eng = StreamOffload(module, device, SETTINGS, weight_patchers=placement.weight_patchers,
+                            expert_host=shared, weight_file=placement.expert_files.get(name))
         eng.on_activate = offload_others
         engines.append(eng)
         if SETTINGS.cfg_batching:
