@@ -62,7 +62,9 @@ def write_model(args) -> None:
         log(f"model folder {folder} exists: reused")
         return
     t0 = time.time()
-    if args.tiny:
+    if args.model == "a14b":
+        pipe = build_a14b(args)
+    elif args.tiny:
         import tiny_models
 
         pipe = tiny_models._wan_i2v_pipeline(flf2v=False)
@@ -70,6 +72,8 @@ def write_model(args) -> None:
         from engine_gpu_checks import build_full_pipeline
 
         pipe = build_full_pipeline(args.layers)
+    if args.disk_fp8:
+        to_disk_fp8(pipe)
     t1 = time.time()
     pipe.save_pretrained(folder, safe_serialization=True)
     size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
@@ -78,6 +82,57 @@ def write_model(args) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def build_a14b(args):
+    """Wan2.2 I2V A14B: two 14B experts (no image branch), UMT5-XXL, the Wan2.1 VAE, no CLIP (random weights)."""
+    import torch
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    if args.tiny:
+        import tiny_models
+
+        experts = [tiny_models._wan_transformer(t, in_channels=36, out_channels=16, with_image=False)
+                   for t in ("wan22-a14b-high", "wan22-a14b-low")]
+        tok = tiny_models._umt5_tokenizer()
+        te, vae = tiny_models._umt5_encoder(len(tok)), tiny_models._wan21_vae()
+        sched = tiny_models._unipc_flow(tiny_models.WAN22_FLOW_SHIFT)
+    else:
+        from engine_gpu_checks import build_full_pipeline, randomize
+        from offload_bench import wan_config
+
+        base = build_full_pipeline(1)  # for its full-size text encoder, VAE, tokenizer and scheduler
+        cfg = {k: v for k, v in wan_config(args.layers).items() if k not in ("image_dim", "added_kv_proj_dim")}
+        experts = []
+        for _ in range(2):
+            with torch.device("cuda"):
+                m = WanTransformer3DModel(**cfg).to(torch.bfloat16).eval()
+            randomize(m)
+            experts.append(m.to("cpu"))
+        torch.cuda.empty_cache()
+        tok, te, vae, sched = base.tokenizer, base.text_encoder, base.vae, base.scheduler
+        del base
+    return WanImageToVideoPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, image_processor=None,
+                                   image_encoder=None, transformer=experts[0], transformer_2=experts[1],
+                                   boundary_ratio=0.9)
+
+
+def to_disk_fp8(pipe) -> None:
+    """Store the denoisers' fp8-storage layers as float8_e4m3fn on disk (as the fp8 checkpoints users download
+    are): halves the files, and reads straight into the fp8 buffers."""
+    import torch
+
+    from vramwise.precision import DENOISER_FP8_SKIP
+    from vramwise.weight_loading import fp8_storage_names
+
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        names = fp8_storage_names(model, DENOISER_FP8_SKIP)
+        for n, p in model.named_parameters():
+            if n in names:
+                p.data = p.data.to(torch.float8_e4m3fn)
 
 
 # ---- one case, in its own process --------------------------------------------------------------------------------
@@ -171,6 +226,9 @@ def child(args) -> None:
     row.update(ok=True, runs=runs, step_median_s=round(statistics.median(steps), 3),
                peak_rss_gib=round(status_bytes("VmHWM") / GiB, 2),
                pinned_after_gib=round(pinned_bytes(loaded) / GiB, 2) if not loaded.released else None)
+    shared = getattr(loaded.placement, "expert_host", None)
+    if shared is not None:  # the one-expert plan: what re-reading an expert's blocks cost
+        row["expert_swaps_s"] = [round(x, 2) for x in shared.swaps]
     row["within_budget"] = bool(not host_gb or row["peak_rss_gib"] <= host_gb)
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -263,6 +321,9 @@ def main() -> None:
                     "write included)")
     ap.add_argument("--child", type=lambda s: tuple(float(x) for x in s.split(":")), dest="case")
     ap.add_argument("--mode", default="auto")
+    ap.add_argument("--model", choices=("wan21", "a14b"), default="wan21")
+    ap.add_argument("--disk-fp8", action="store_true", help="write the denoisers' big layers as fp8 (A14B in bf16 "
+                    "is 57 GB of experts: with the text encoder more than the device's 64 GiB disk)")
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
     if args.tiny:
