@@ -72,3 +72,17 @@ def test_an_error_mid_forward_leaves_nothing_on_the_device_after_restore_all():
     assert m.proj.weight.data_ptr() != host["proj.weight"]
     streamer.restore_all()
     assert {n: p.data_ptr() for n, p in m.named_parameters()} == host
+
+
+def test_every_leaf_and_the_top_send_their_tensor_inputs_to_the_device():
+    """UMT5 builds its relative-position buckets on the bias embedding's weight device (the host, before that
+    leaf's weights move) and passes them in: each leaf's inputs must follow its weights. Seen with a 'meta'
+    device, which a CPU-only machine has (no weights move in this module, it has none)."""
+    streamer = stream_leaves(torch.nn.Module(), torch.device("meta"))
+    args, kwargs = streamer._inputs_to_device(None, (torch.arange(3), 7), {"mask": torch.ones(2), "n": 1})
+    assert args[0].device.type == "meta" and args[1] == 7
+    assert kwargs["mask"].device.type == "meta" and kwargs["n"] == 1
+    m = Tiny()
+    stream_leaves(m, CPU)
+    for leaf in (m, m.shared, m.proj, m.head):  # the pre-hooks that move inputs (they take kwargs)
+        assert leaf._forward_pre_hooks_with_kwargs

@@ -68,12 +68,18 @@ def same_layout(a: Any, b: Any) -> bool:
     return True
 
 
+def _entry_view(flat: torch.Tensor, e: Any) -> torch.Tensor:
+    """An entry's tensor inside its block's flat buffer (as the stream engine lays it out; not imported from
+    ``stream``, which imports this module)."""
+    size = e.numel * torch.empty((), dtype=e.dtype).element_size()
+    return flat[e.offset:e.offset + size].view(e.dtype).view(e.shape)
+
+
 def fill_blocks(engine: Any, folder: Path) -> None:
     """Read ``engine``'s block tensors from the safetensors files in ``folder`` into its (shared) host buffers, in
     each entry's storage dtype: a plain read straight into the buffer when the file has that dtype, else through a
     one-tensor temporary converted on the engine's device (bf16 -> fp8 on the GPU is ~50x a CPU cast)."""
     from ..weight_loading import _read_into, _shards, read_tensor, stored_tensors
-    from .stream import _view
 
     index = {}
     for path in _shards(folder):
@@ -95,7 +101,7 @@ def fill_blocks(engine: Any, folder: Path) -> None:
         items.sort(key=lambda it: it[0].offset)
         with open(path, "rb", buffering=0) as f:
             for st, e, layout in items:
-                view = _view(layout.host, e)
+                view = _entry_view(layout.host, e)
                 if st.dtype == e.dtype and st.nbytes == view.numel() * view.element_size():
                     _read_into(f, st, view)
                 else:

@@ -38,11 +38,22 @@ class LeafStreamer:
         # In flight only (between a leaf's pre- and post-hook): the host tensor each moved parameter came from.
         self._moved: dict[int, list[tuple[torch.nn.Module, str, bool, torch.Tensor]]] = {}
         self._in_flight: set[int] = set()  # ids of the tensors moved now (a tied weight is moved once)
+        # The inputs follow the weights, at the top and at every leaf: a parent can build a leaf's input from the
+        # leaf's weight device while the weight is still on the host (UMT5 computes its relative-position buckets
+        # on ``relative_attention_bias.weight.device`` before calling that embedding: measured on an H100, the
+        # first full-size run failed in index_select with the buckets on the CPU).
+        self._handles.append(module.register_forward_pre_hook(self._inputs_to_device, with_kwargs=True))
         for leaf in _leaves(module):
-            self._handles.append(leaf.register_forward_pre_hook(self._pre))
+            self._handles.append(leaf.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(leaf.register_forward_hook(self._post))
 
-    def _pre(self, leaf: torch.nn.Module, args: Any) -> None:
+    def _inputs_to_device(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def move(x: Any) -> Any:
+            return x.to(self.device) if isinstance(x, torch.Tensor) and x.device != self.device else x
+
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    def _pre(self, leaf: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         moved = []
         for table, is_param in ((leaf._parameters, True), (leaf._buffers, False)):
             for name, t in table.items():
@@ -59,6 +70,7 @@ class LeafStreamer:
                 moved.append((leaf, name, is_param, host))
         if moved:
             self._moved[id(leaf)] = moved
+        return self._inputs_to_device(leaf, args, kwargs)
 
     def _put_back(self, leaf_id: int) -> None:
         for owner, name, is_param, host in self._moved.pop(leaf_id, ()):
