@@ -222,6 +222,8 @@ def child(args) -> None:
                      report=report[-2:])
         del frames, latent
         runs.append(split)
+        print("PARTIAL " + json.dumps(dict(row, runs=runs, peak_rss_gib=round(status_bytes("VmHWM") / GiB, 2))),
+              flush=True)
     steps = [s for r in runs for s in r["step_s"]]
     row.update(ok=True, runs=runs, step_median_s=round(statistics.median(steps), 3),
                peak_rss_gib=round(status_bytes("VmHWM") / GiB, 2),
@@ -283,12 +285,25 @@ def parent(args) -> None:
         log(f"== case {mode} host {h:g} GiB, VRAM {v:g} GiB")
         t0 = time.time()
         with open(out / "host_ram_cases.log", "a") as logf:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, timeout=args.case_timeout,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        got = [json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=logf, text=True,
+                                      timeout=args.case_timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                stdout, code = proc.stdout, proc.returncode
+            except subprocess.TimeoutExpired as e:  # keep what the case measured before its time ran out
+                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                code = f"killed after {args.case_timeout} s"
+        got = [json.loads(l[7:]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+        if not got:
+            partial = [json.loads(l[8:]) for l in stdout.splitlines() if l.startswith("PARTIAL ")]
+            if partial:
+                last = partial[-1]
+                steps = [x for r in last["runs"] for x in r["step_s"]]
+                last.update(ok=True, partial=str(code), step_median_s=round(statistics.median(steps), 3),
+                            within_budget=bool(last["peak_rss_gib"] <= h) if h else True)
+                got = [last]
         if not got:
             got = [dict(host_budget_gib=h, vram_budget_gib=v, mode=mode, ok=False, stage="process",
-                        error=f"exit {proc.returncode}, no result (see host_ram_cases.log)")]
+                        error=f"exit {code}, no result (see host_ram_cases.log)")]
         for r in got:
             r["wall_s"] = round(time.time() - t0, 1)
             log("RESULT " + json.dumps(r))
