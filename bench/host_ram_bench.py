@@ -48,6 +48,34 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+class RssTrace:
+    """VmRSS sampled every 0.1 s in a thread, the peak kept per phase ("load", "run 1", "decode 1", ...), so the
+    table can say which part of a case set its VmHWM."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase = "start"
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self.sample()
+
+    def sample(self) -> None:
+        gib = round(status_bytes("VmRSS") / GiB, 2)
+        if gib > self.peaks.get(self.phase, 0.0):
+            self.peaks[self.phase] = gib
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+
 def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS (Linux)
@@ -176,6 +204,9 @@ def child(args) -> None:
     row = dict(host_budget_gib=host_gb, vram_budget_gib=vram_gb, mode=args.mode,
                base_rss_gib=round(status_bytes("VmRSS") / GiB, 2))
     reset_peak_rss()
+    trace = RssTrace()
+    row["rss_peaks_gib"] = trace.peaks  # the same dict, filled as the case goes
+    trace.enter("load")
     cache = PipelineCache()
     opts = LoadOptions(Path(args.folder), OffloadMode(args.mode), WeightDtype.BF16, host_ram_budget_gb=host_gb)
     t0 = time.perf_counter()
@@ -201,6 +232,7 @@ def child(args) -> None:
             torch.cuda.reset_peak_memory_stats()
         timer = StepTimer(device)
         timer.watch(loaded.denoisers)
+        trace.enter(f"run {rep + 1}")
         t1 = time.perf_counter()
         try:
             latent, report = generate_with_plan(model, req, timer, vram_budget_gb=vram_gb, headroom_gb=0.0,
@@ -214,6 +246,7 @@ def child(args) -> None:
             timer.unwatch()
         split = timer.split()
         t2 = time.perf_counter()
+        trace.enter(f"decode {rep + 1}")
         frames, _ = decode_latents(model, latent, TilingOptions())
         timer.sync()
         split.update(decode_s=round(time.perf_counter() - t2, 2), run_s=round(time.perf_counter() - t1, 1),
@@ -221,6 +254,7 @@ def child(args) -> None:
                      rss_after_gib=round(status_bytes("VmRSS") / GiB, 2), finite=bool(torch.isfinite(frames).all()),
                      report=report[-2:])
         del frames, latent
+        trace.enter("after")
         runs.append(split)
         print("PARTIAL " + json.dumps(dict(row, runs=runs, peak_rss_gib=round(status_bytes("VmHWM") / GiB, 2))),
               flush=True)
@@ -228,6 +262,9 @@ def child(args) -> None:
     row.update(ok=True, runs=runs, step_median_s=round(statistics.median(steps), 3),
                peak_rss_gib=round(status_bytes("VmHWM") / GiB, 2),
                pinned_after_gib=round(pinned_bytes(loaded) / GiB, 2) if not loaded.released else None)
+    from vramwise.encoder_weights import ENCODER_WEIGHTS
+
+    row["text_encoder_reads"] = dict(leaf_by_leaf=ENCODER_WEIGHTS.streamed, whole=ENCODER_WEIGHTS.reloads)
     shared = getattr(loaded.placement, "expert_host", None)
     if shared is not None:  # the one-expert plan: what re-reading an expert's blocks cost
         row["expert_swaps_s"] = [round(x, 2) for x in shared.swaps]
@@ -246,14 +283,15 @@ def parse_cases(text: str) -> list[tuple[float, float]]:
 
 def table(rows: list[dict], ref_step: float | None) -> str:
     lines = ["| host budget | VRAM budget | plan | load s | load peak RSS | peak RSS (VmHWM) | pinned | VRAM peak | "
-             "encode / steps / decode s | step s (x ref) | held |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "encode / steps / decode s | step s (x ref) | held | RSS peak by phase |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = f"{r['host_budget_gib']:g} GiB" if r["host_budget_gib"] else "-"
+        phases = " / ".join(f"{k} {g}" for k, g in (r.get("rss_peaks_gib") or {}).items() if k != "start")
         v = f"{r['vram_budget_gib']:g} GiB" if r["vram_budget_gib"] else "-"
         if not r.get("ok"):
             lines.append(f"| {h} | {v} | {r.get('stage', '?')} failed: {r.get('error', '')[:160]} | | | "
-                         f"{r.get('peak_rss_gib', '')} | | | | | no |")
+                         f"{r.get('peak_rss_gib', '')} | | | | | no | {phases} |")
             continue
         plan = r["plan"][0].removeprefix("plan: ").split(";")[0] if r["plan"] else "?"
         first = r["runs"][0]
@@ -261,7 +299,7 @@ def table(rows: list[dict], ref_step: float | None) -> str:
         lines.append(
             f"| {h} | {v} | {plan} | {r['load_s']} | {r['load_peak_rss_gib']} | {r['peak_rss_gib']} | "
             f"{r['pinned_gib']} | {first['peak_vram_gib']} | {first['encode_s']} / {first['steps_s']} / "
-            f"{first['decode_s']} | {r['step_median_s']}{ratio} | {'yes' if r['within_budget'] else 'NO'} |")
+            f"{first['decode_s']} | {r['step_median_s']}{ratio} | {'yes' if r['within_budget'] else 'NO'} | {phases} |")
     return "\n".join(lines)
 
 

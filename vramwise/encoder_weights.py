@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -44,26 +45,27 @@ class WeightSource:
 
 def safetensors_source(files: Iterable[Path], load_dtype: torch.dtype | None = None) -> WeightSource | None:
     """A source over safetensors files whose tensor names are the module's own (diffusers/transformers folders)."""
-    from safetensors import safe_open
+    from .weight_loading import read_tensor, stored_tensors
 
     files = sorted(Path(f) for f in files)
     if not files:
         return None
-    where: dict[str, Path] = {}
+    where: dict[str, tuple[Path, Any]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for k in f.keys():
-                where.setdefault(k, path)
+        for st in stored_tensors(path):
+            where.setdefault(st.name, (path, st))
 
     def read(wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        # safe_open (memory-mapped) hands out one tensor at a time; nothing else of the file is materialised.
+        # Plain file reads, one tensor at a time, in file order: the page cache holds the file's bytes, not this
+        # process (a memory-mapped read would count every page it touched as our resident memory while mapped,
+        # which is what the streamed encoder, reading ~11 GB per new prompt, must not do).
         for path in files:
-            names = [n for n in wanted if where.get(n) == path]
-            if not names:
+            todo = sorted((where[n][1] for n in wanted if n in where and where[n][0] == path), key=lambda t: t.offset)
+            if not todo:
                 continue
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for n in names:
-                    yield n, f.get_tensor(n)
+            with open(path, "rb", buffering=0) as f:
+                for st in todo:
+                    yield st.name, read_tensor(f, st, st.dtype)
 
     return WeightSource(frozenset(where), read, ", ".join(p.name for p in files), load_dtype)
 
@@ -114,6 +116,7 @@ class EncoderWeights:
         default_factory=weakref.WeakKeyDictionary)
     reloads: int = 0
     releases: int = 0
+    streamed: int = 0  # encodes run leaf by leaf from the files (streamed_from_files)
 
     def register(self, module: torch.nn.Module, source: WeightSource | None) -> None:
         """Say where ``module``'s weights can be re-read; without a source it is never released."""
@@ -123,8 +126,8 @@ class EncoderWeights:
     def knows(self, module: torch.nn.Module) -> bool:
         return module in self._sources
 
-    def is_released(self, module: torch.nn.Module) -> bool:
-        return module in self._released
+    def is_released(self, module: torch.nn.Module | None) -> bool:
+        return module is not None and module in self._released
 
     def why_kept(self, module: torch.nn.Module) -> str | None:
         """Why ``module`` cannot be released, or None when it can."""
@@ -172,20 +175,19 @@ class EncoderWeights:
         if state is None:
             return False
         state.guard.remove()
-        by_name = {name: (p, dtype, device) for p, name, dtype, device in state.params}
+        by_name = {name: p for p, name, _, _ in state.params}
         got = set()
         try:
             for name, tensor in state.source.read(set(by_name)):
-                p, dtype, device = by_name[name]
-                # The dtype the module had: fp8 storage, fp32-kept norms and bf16 all come back as they were.
-                if dtype in _FP8 and tensor.dtype not in _FP8 and state.source.load_dtype is not None:
-                    tensor = tensor.to(state.source.load_dtype)
-                p.data = tensor.to(device=device, dtype=dtype)
+                p = by_name[name]
+                # Into the dtype and device the placeholder has now: whatever cast or moved the module while its
+                # weights were out (fp8 storage, a placer) cast or moved the placeholder too.
+                p.data = _as_stored(tensor, p, state.source).to(device=p.device)
                 got.add(name)
         except BaseException:
             # Leave it released (and retryable) rather than half-loaded.
-            for p, name, dtype, device in state.params:
-                p.data = torch.empty(0, dtype=dtype, device=device)
+            for p, _, _, _ in state.params:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             self._keep_released(module, state)
             raise
         missing = set(by_name) - got
@@ -194,6 +196,58 @@ class EncoderWeights:
             raise RuntimeError(f"{state.source.description} no longer holds {sorted(missing)[:3]}; the file changed on disk")
         self.reloads += 1
         return True
+
+    def adopt_unread(self, module: torch.nn.Module, source: WeightSource) -> int:
+        """Take a module built without its weights (parameters on ``meta``, in the dtypes a load would give) as
+        released: its weights are first read when it is first called. Returns the bytes it will hold."""
+        params, nbytes = [], 0
+        for p, ns in _names_by_param(module):
+            name = next((n for n in ns if n in source.names), None)
+            if name is None:
+                raise ValueError(f"'{ns[0]}' is not in {source.description}")
+            # A meta tensor cannot take host storage through ``.data``: a new Parameter goes under every name of
+            # the old one (tied weights stay one Parameter).
+            new = torch.nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
+            for n in ns:
+                owner, _, leaf = n.rpartition(".")
+                module.get_submodule(owner)._parameters[leaf] = new
+            params.append((new, name, p.dtype, new.device))
+            nbytes += p.numel() * p.element_size()
+        self._sources[module] = source
+        self._keep_released(module, _Released(source, params, nbytes))
+        return nbytes
+
+    def released_bytes(self, module: torch.nn.Module) -> int:
+        """What a released module holds once restored (0 when it is not released)."""
+        state = self._released.get(module)
+        return state.nbytes if state is not None else 0
+
+    @contextmanager
+    def streamed_from_files(self, module: torch.nn.Module, streamer: Any) -> Iterator[bool]:
+        """While inside, a released ``module`` run under ``streamer`` (``leaf_stream.LeafStreamer``) reads each
+        leaf's weights from its files right before the leaf runs and drops them after it: the encoder runs once
+        per new prompt and this reads the same bytes a ``restore`` would, but the host never holds more than one
+        leaf (UMT5-XXL's largest, the token embedding, is 2.1 GB of ~13 GB). Yields False, changing nothing, when
+        the module is not released (the caller restores or runs it as it is)."""
+        state = self._released.get(module)
+        if state is None:
+            yield False
+            return
+        by_id = {id(p): (p, name) for p, name, _, _ in state.params}
+
+        def fetch(wanted: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+            names = {by_id[id(p)][1]: by_id[id(p)][0] for p in wanted if id(p) in by_id}
+            return {id(names[n]): _as_stored(t, names[n], state.source) for n, t in state.source.read(set(names))}
+
+        state.guard.remove()
+        streamer.fetch = fetch
+        try:
+            yield True
+        finally:
+            streamer.restore_all()
+            streamer.fetch = None
+            self._keep_released(module, state)
+            self.streamed += 1
 
     def _keep_released(self, module: torch.nn.Module, state: _Released) -> None:
         def guard(m: torch.nn.Module, args: Any) -> None:  # a pre-hook returning a value would replace the inputs
@@ -207,6 +261,41 @@ class EncoderWeights:
         self._released.pop(module, None)
 
 
+def unread_encoder(cls: Any, component_folder: Path, dtype: torch.dtype,
+                   weights: "EncoderWeights | None" = None) -> torch.nn.Module | None:
+    """A transformers encoder (UMT5) built from its ``config.json`` with no weight read, adopted as released by
+    ``weights``: the first encode reads it (leaf by leaf from the files under the stream plan). None when the
+    folder's files do not name every parameter (transformers maps those names while loading: load it as usual).
+
+    Why: ``from_pretrained`` reads all ~11 GB of UMT5-XXL at load, memory-mapped (measured on an H100, 2026-12-06:
+    load peak 31.7 GiB against 21.5 GiB once loaded), and the pack released it right after the first prompt anyway.
+    """
+    from accelerate import init_empty_weights
+
+    source = folder_source(component_folder, dtype)
+    if source is None:
+        return None
+    config = cls.config_class.from_pretrained(component_folder)
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties the token embedding; a model built from its config is not tied yet
+    model.eval()
+    weights = weights if weights is not None else ENCODER_WEIGHTS
+    try:
+        weights.adopt_unread(model, source)
+    except ValueError:
+        return None
+    return model
+
+
+def _as_stored(tensor: torch.Tensor, p: torch.Tensor, source: WeightSource) -> torch.Tensor:
+    """A tensor read from ``source`` in the dtype of ``p`` (its placeholder): a wider stored weight goes to fp8
+    through the loader's dtype, so it rounds as the first load did."""
+    if p.dtype in _FP8 and tensor.dtype not in _FP8 and source.load_dtype is not None:
+        tensor = tensor.to(source.load_dtype)
+    return tensor.to(dtype=p.dtype)
+
+
 def _names_by_param(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, list[str]]]:
     """Each distinct Parameter with every name it is known by (tied weights have several)."""
     seen: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
@@ -218,4 +307,4 @@ def _names_by_param(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, l
 ENCODER_WEIGHTS = EncoderWeights()
 
 __all__ = ["WeightSource", "EncoderWeights", "ENCODER_WEIGHTS", "safetensors_source", "folder_source",
-           "pretrained_source"]
+           "pretrained_source", "unread_encoder"]

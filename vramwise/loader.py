@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .device import allocated_bytes, release_memory, trim_host_heap
+from .encoder_weights import ENCODER_WEIGHTS
 from .errors import InputError, ModelFolderError, VramwiseError
 from .families import detect_family
 from .handles import LoadedPipeline, LoadOptions  # LoadOptions lives with the other values passed between nodes
@@ -38,7 +39,7 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             "offload_mode", f"'{options.offload_mode.value}' does not work with {family.label}: {refused}.",
             f"pick one of {usable}.",
         )
-    preplan = _host_preplan(options, family)
+    preplan = _host_preplan(options, family, device)
     try:
         if source is not None:
             keep_fp8 = options.weight_dtype is WeightDtype.FP8_E4M3FN
@@ -49,6 +50,8 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
             kw = {"fp8_skip": DENOISER_FP8_SKIP + family.fp8_skip_patterns} if fp8 else {}
             if preplan.one_expert:
                 kw["unread_blocks"] = family.denoiser_names[1:]  # filled from their files when their turn comes
+            if _text_encoder_unread(options, family):
+                kw["unread_text_encoder"] = True
             pipe = family.load(options.folder, options.weight_dtype.compute_dtype, **kw)
     except VramwiseError:
         raise
@@ -69,11 +72,12 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
     # Components left where they are by the placers (a CPU text encoder); not the fp8 skip patterns above.
     keep_on_cpu = family.text_encoder_names if options.text_encoder_on_cpu else ()
     mode, settings, auto_notes = options.offload_mode, None, []
-    host = planner.host_budget(options.host_ram_budget_gb, held=planner.comp_bytes(
-        planner.components_of(pipe, family.denoiser_names)))
+    host = planner.host_budget(options.host_ram_budget_gb, held=planner.held_bytes(pipe, family.denoiser_names))
+    unread = [n for n in family.text_encoder_names if ENCODER_WEIGHTS.is_released(getattr(pipe, n, None))]
     if mode is OffloadMode.AUTO:
         mode, settings, auto_notes = _resolve_auto(pipe, family.denoiser_names, placement, options.weight_dtype, host,
-                                                   fp8_only=preplan.fp8, one_expert=preplan.one_expert)
+                                                   fp8_only=preplan.fp8, one_expert=preplan.one_expert,
+                                                   unread=unread)
         if preplan.fp8:
             auto_notes.append("host RAM: only fp8 storage fits the host budget, so the denoiser weights were read "
                               "straight into fp8 (no bf16 copy)")
@@ -82,10 +86,17 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
                           f"({placement.plan.pinned_bytes / 2**30:.1f} GiB pinned) of a {host / 2**30:.1f} GiB budget")
     if mode is OffloadMode.STREAM and options.host_ram_budget_gb:
         # Never pin more than the budget leaves after the components that are not streamed.
-        others = sum(planner.components_of(pipe, family.denoiser_names).others.values())
+        comp = planner.on_host(planner.components_of(pipe, family.denoiser_names), device, unread)
+        others = planner.others_on_host(planner.Plan("stream"), comp) + comp.process
         cap = max(0, host - others)
         settings = dataclasses.replace(settings or STREAM_SETTINGS, pinned_cap_bytes=cap)
         auto_notes.append(f"host RAM: at most {cap / 2**30:.1f} GiB pinned (host_ram_budget_gb {host / 2**30:.1f})")
+    if unread and mode is not OffloadMode.STREAM:
+        # Only the stream plan runs an encoder leaf by leaf from its files; the other placers need its weights.
+        for n in unread:
+            ENCODER_WEIGHTS.restore(getattr(pipe, n))
+    elif unread:
+        auto_notes.append(f"{', '.join(unread)}: not read at load; read from its files when a new prompt is encoded")
     offload_notes = apply_offload(pipe, mode, placement, family.denoiser_names, keep_on_cpu, settings)
     placement.notes = notes + auto_notes + offload_notes
     trim_host_heap()  # what loading and repacking freed goes back to the OS now, not after the first run
@@ -93,7 +104,15 @@ def load_pipeline(options: LoadOptions, device: torch.device) -> LoadedPipeline:
                           placement=placement)
 
 
-def _host_preplan(options: LoadOptions, family: Any) -> planner.HostPreplan:
+def _text_encoder_unread(options: LoadOptions, family: Any) -> bool:
+    """Whether the text encoder is built without reading its weights: folder loads whose plan can be ``stream``
+    (which then runs it leaf by leaf from its files), in 16-bit weights, with the encoder placed on the GPU."""
+    return (family.text_encoder_unread_at_load and options.source is None
+            and options.offload_mode in (OffloadMode.AUTO, OffloadMode.STREAM)
+            and options.weight_dtype is not WeightDtype.FP8_E4M3FN and not options.text_encoder_on_cpu)
+
+
+def _host_preplan(options: LoadOptions, family: Any, device: torch.device) -> planner.HostPreplan:
     """offload auto from a folder: plan host RAM from the safetensors headers before reading any weight, so a
     budget only fp8 storage fits reads fp8 directly, one only a single pinned expert fits leaves the second
     expert's blocks unread, and one nothing fits is refused before a long load."""
@@ -107,15 +126,16 @@ def _host_preplan(options: LoadOptions, family: Any) -> planner.HostPreplan:
         return none  # a damaged folder: the load below says what is wrong with it
     if comp is None:
         return none
-    return planner.host_preplan(comp, planner.host_budget(options.host_ram_budget_gb))
+    unread = family.text_encoder_names if _text_encoder_unread(options, family) else ()
+    return planner.host_preplan(planner.on_host(comp, device, unread), planner.host_budget(options.host_ram_budget_gb))
 
 
 def _resolve_auto(pipe: Any, denoisers: tuple[str, ...], placement: Placement, weight_dtype: WeightDtype,
-                  host_budget: int | None = None, fp8_only: bool = False,
-                  one_expert: bool = False) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
+                  host_budget: int | None = None, fp8_only: bool = False, one_expert: bool = False,
+                  unread: list[str] | None = None) -> tuple[OffloadMode, StreamSettings | None, list[str]]:
     """Ask the planner for a plan and turn it into a concrete mode (fp8 storage applied here when it asks)."""
     est = planner.plan_for_load(pipe, denoisers, placement.device, host_budget, fp8_only=fp8_only,
-                                one_expert=one_expert)
+                                one_expert=one_expert, unread=unread or ())
     placement.plan = est
     plan = est.plan
     notes = [f"offload auto: {DESCRIPTIONS[OffloadMode.AUTO]}"]

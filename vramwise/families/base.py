@@ -115,6 +115,9 @@ class Family(ABC):
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     # ``load`` takes ``fp8_skip`` and reads the layers fp8 storage casts straight into fp8 (weight_loading.py).
     loads_fp8_directly: bool = False
+    # ``load`` takes ``unread_text_encoder``: the text encoder is built without reading its weights, which are read
+    # when a prompt is first encoded (encoder_weights.unread_encoder).
+    text_encoder_unread_at_load: bool = False
     # Layers (regex on module names) kept in compute precision under fp8 storage, on top of precision.DENOISER_FP8_SKIP.
     fp8_skip_patterns: tuple[str, ...] = ()
     # Offload modes this family cannot use, with the reason the loader shows (e.g. no repeated blocks to stream).

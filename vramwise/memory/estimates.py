@@ -38,6 +38,11 @@ TOKEN_MERGE_EXTRA_BYTES_PER_TOKEN_HIDDEN = 10.8
 # A component streamed leaf by leaf (offload.stream.STREAM_OTHERS_ABOVE) needs its largest leaf (UMT5-XXL's
 # 2.1 GB token embedding) plus activations.
 STREAMED_COMPONENT_PEAK = int(2.5 * 2**30)
+# Host bytes a CUDA process running a plan holds besides the weights: the CUDA context and its libraries (0.87 GiB
+# after `import torch` + CUDA init), torch.compile's graphs and Triton kernels, the 81 frames in and out (float32
+# on the host: 0.39 GB each way at 480x832), allocator fragmentation. Measured on an H100 (2026-12-06,
+# bench/host_ram_bench.py): Wan2.1 14B peaked at 32.57 GiB VmHWM with 27.3 GiB of planned weights.
+PROCESS_HOST_BYTES = int(5.25 * 2**30)
 # Allocator slack and CUDA context outside torch's count.
 FIXED_OVERHEAD = int(0.6 * 2**30)
 

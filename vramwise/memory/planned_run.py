@@ -114,7 +114,10 @@ def generate_with_plan(
         merging = _dit_token_merge(model)
         shape = planner.RunShape(run.latent_frames, run.latent_height, run.latent_width, run.do_cfg,
                                  merging is not None)
-        comp = planner.components_of(loaded.pipe, loaded.family.denoiser_names)
+        streamed = {id(st.module) for st in loaded.placement.leaf_streamers}
+        comp = planner.on_host(planner.components_of(loaded.pipe, loaded.family.denoiser_names), loaded.device,
+                               [n for n in loaded.family.text_encoder_names
+                                if id(getattr(loaded.pipe, n, None)) in streamed])
         compiled = loaded.placement.compiled
         est = planner.estimate(current_plan(), comp, shape, compiled)
         if auto and loaded.device.type == "cuda":
@@ -128,7 +131,8 @@ def generate_with_plan(
                 est = planner.estimate(est.plan, comp, shape, compiled)
             if est.vram_peak > budget:
                 # The model is loaded already: MemAvailable no longer counts what it holds (planner.host_budget).
-                host = planner.host_budget(loaded.options.host_ram_budget_gb, held=planner.comp_bytes(comp))
+                host = planner.host_budget(loaded.options.host_ram_budget_gb,
+                                           held=planner.held_bytes(loaded.pipe, loaded.family.denoiser_names))
                 better = planner.choose(comp, shape, budget, host, planner.PLANS.index(est.plan))
                 if better.plan != est.plan:
                     report.append(f"plan '{est.plan.describe()}' would need ~{est.vram_peak / 2**30:.1f} GiB "

@@ -22,9 +22,10 @@ from ..architectures import architecture_of
 from ..device import host_available_bytes, is_oom
 from ..errors import VramwiseError
 from ..offload.components import components
-from ..offload.stream import repeated_blocks
+from ..encoder_weights import ENCODER_WEIGHTS
+from ..offload.stream import STREAM_OTHERS_ABOVE, repeated_blocks
 from ..precision import module_bytes
-from .estimates import (FIXED_OVERHEAD, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
+from .estimates import (FIXED_OVERHEAD, PROCESS_HOST_BYTES, STREAMED_COMPONENT_PEAK, DenoiserShape, activation_bytes,
                         lean_activation_bytes, safetensors_tensors, token_merge_extra_bytes, tokens)
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class Components:
     denoisers: tuple[DenoiserShape, ...]
     others: dict[str, int]  # text encoder, image encoder, VAE
     vae_decode_peak: int = 0
+    # Host facts of where it runs (``on_host``): components the stream plan runs leaf by leaf from their files
+    # (an unread UMT5 on CUDA: one leaf on the host at a time), and the bytes the process holds besides weights.
+    from_files: frozenset[str] = frozenset()
+    process: int = 0
 
     @property
     def denoiser_bytes(self) -> int:
@@ -161,8 +166,25 @@ def estimate(plan: Plan, comp: Components, run: RunShape, compiled: bool = False
     if plan.one_expert and len(comp.denoisers) == 2:
         second = comp.denoisers[1]
         denoisers_host -= second.block_bytes * second.layers
-    weights_host = denoisers_host // (2 if plan.fp8 else 1) + sum(comp.others.values())
+    weights_host = denoisers_host // (2 if plan.fp8 else 1) + others_on_host(plan, comp) + comp.process
     return Estimate(plan, int(allocated + FIXED_OVERHEAD), int(weights_host), int(pinned), int(allocated))
+
+
+def others_on_host(plan: Plan, comp: Components) -> int:
+    """Host bytes of the non-denoiser components under ``plan``: a component read from its files leaf by leaf
+    (stream plans) holds at most its largest leaf."""
+    return sum(min(v, STREAMED_COMPONENT_PEAK) if plan.offload == "stream" and n in comp.from_files else v
+               for n, v in comp.others.items())
+
+
+def on_host(comp: Components, device: torch.device, unread: Iterable[str] = ()) -> Components:
+    """``comp`` with the host facts of ``device``: on CUDA, the process's own bytes (PROCESS_HOST_BYTES) and the
+    big encoders in ``unread`` that the stream plan reads from their files (offload.stream.place_stream streams
+    components over STREAM_OTHERS_ABOVE leaf by leaf on CUDA only). On the CPU: ``comp`` unchanged."""
+    if device.type != "cuda":
+        return comp
+    big = frozenset(n for n in unread if comp.others.get(n, 0) > STREAM_OTHERS_ABOVE)
+    return replace(comp, from_files=big, process=PROCESS_HOST_BYTES)
 
 
 class NothingFits(VramwiseError):
@@ -317,6 +339,8 @@ def run_with_step_down(
 
 # ---- components of a loaded pipeline ---------------------------------------------------------------------------
 def components_of(pipe: Any, denoiser_names: Iterable[str]) -> Components:
+    """Weight bytes of a loaded pipeline's parts; a text encoder released or not read yet (encoder_weights)
+    counts with what it holds once read."""
     dens = []
     others = {}
     denoiser_names = set(denoiser_names)
@@ -324,7 +348,7 @@ def components_of(pipe: Any, denoiser_names: Iterable[str]) -> Components:
         if name in denoiser_names:
             dens.append(DenoiserShape.from_module(module, repeated_blocks(module)))
         else:
-            others[name] = module_bytes(module)
+            others[name] = module_bytes(module) + ENCODER_WEIGHTS.released_bytes(module)
     vae_peak = 0
     return Components(tuple(dens), others, vae_peak)
 
@@ -416,25 +440,26 @@ def host_preplan(comp: Components, host_budget_bytes: int) -> HostPreplan:
 
 def plan_for_load(pipe: Any, denoiser_names: Iterable[str], device: torch.device,
                   host_budget_bytes: int | None = None, fp8_only: bool = False,
-                  one_expert: bool = False) -> Estimate:
+                  one_expert: bool = False, unread: Iterable[str] = ()) -> Estimate:
     """OffloadMode.AUTO: the plan for the default run size and the free memory now (raised by OOM floors).
 
     Host RAM is a hard limit (pinned memory cannot be swapped out; running past it crashes the machine): when no
     plan fits ``host_budget_bytes`` this raises an InputError naming what would. VRAM is re-checked per run.
     ``fp8_only``: the denoisers were read into fp8 already (``host_preplan``), so only fp8 plans apply;
-    ``one_expert``: the second expert's blocks were left unread, so the one-expert plan (or a safer one) applies.
+    ``one_expert``: the second expert's blocks were left unread, so the one-expert plan (or a safer one) applies;
+    ``unread``: text encoders not read at load (``on_host``).
     """
     from ..errors import InputError
 
     denoisers = tuple(denoiser_names)
-    comp = components_of(pipe, denoisers)
+    comp = on_host(components_of(pipe, denoisers), device, unread)
     floor = floor_for(key_of(pipe))
     if fp8_only:
         floor = max(floor, next(i for i, p in enumerate(PLANS) if p.fp8))
     if one_expert:
         floor = max(floor, ONE_EXPERT)
     run = default_run_for(pipe, denoisers)
-    host = host_budget_bytes if host_budget_bytes is not None else host_budget(held=comp_bytes(comp))
+    host = host_budget_bytes if host_budget_bytes is not None else host_budget(held=held_bytes(pipe, denoisers))
     fits_host = [p for p in PLANS[floor:] if comp.allows(p) and estimate(p, comp, run).host_bytes <= host
                  and (not p.one_expert or floor == ONE_EXPERT)]
     if not fits_host:
@@ -454,10 +479,18 @@ def comp_bytes(comp: Components) -> int:
     return comp.denoiser_bytes + sum(comp.others.values())
 
 
+def held_bytes(pipe: Any, denoiser_names: Iterable[str]) -> int:
+    """What a loaded pipeline holds now (``components_of`` less the encoders released or not read yet): the bytes
+    MemAvailable no longer counts."""
+    comp = components_of(pipe, denoiser_names)
+    return comp_bytes(comp) - sum(ENCODER_WEIGHTS.released_bytes(m) for _, m in components(pipe))
+
+
 def key_of(pipe: Any) -> str:
     return str(getattr(pipe, "name_or_path", "") or id(pipe))
 
 
 __all__ = ["Plan", "PLANS", "RunShape", "Components", "Estimate", "estimate", "choose", "NothingFits",
            "token_merge_conflict", "plan_for_load", "components_from_folder", "host_preplan", "HostPreplan", "host_budget", "host_refusal", "components_of", "key_of",
+           "on_host", "others_on_host", "held_bytes",
            "run_with_step_down", "vram_budget", "set_floor", "floor_for", "next_plan", "replace"]

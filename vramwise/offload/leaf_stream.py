@@ -38,6 +38,10 @@ class LeafStreamer:
         # In flight only (between a leaf's pre- and post-hook): the host tensor each moved parameter came from.
         self._moved: dict[int, list[tuple[torch.nn.Module, str, bool, torch.Tensor]]] = {}
         self._in_flight: set[int] = set()  # ids of the tensors moved now (a tied weight is moved once)
+        # Set by ``encoder_weights.EncoderWeights.streamed_from_files`` while a released encoder runs: called with
+        # the leaf's empty placeholders, returns {id(parameter): host tensor read from the files}. The fetched
+        # tensor is copied in and dropped; the placeholder is what goes back after the leaf.
+        self.fetch: Any = None
         # The inputs follow the weights, at the top and at every leaf: a parent can build a leaf's input from the
         # leaf's weight device while the weight is still on the host (UMT5 computes its relative-position buckets
         # on ``relative_attention_bias.weight.device`` before calling that embedding: measured on an H100, the
@@ -55,13 +59,21 @@ class LeafStreamer:
 
     def _pre(self, leaf: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         moved = []
+        fetched: dict[int, torch.Tensor] = {}
+        if self.fetch is not None:
+            empty = [t for t in leaf._parameters.values()
+                     if t is not None and t.numel() == 0 and id(t) not in self._in_flight]
+            if empty:
+                fetched = self.fetch(empty)
         for table, is_param in ((leaf._parameters, True), (leaf._buffers, False)):
             for name, t in table.items():
                 if t is None or id(t) in self._in_flight:
                     continue
                 host = t.data if is_param else t
+                src = fetched.pop(id(t), host) if is_param else host
                 # copy=True: a real copy even where host and device are the same kind (the CPU tests see it)
-                on = host.to(self.device, non_blocking=host.is_pinned(), copy=True)
+                on = src.to(self.device, non_blocking=src.is_pinned(), copy=True)
+                del src
                 if is_param:
                     t.data = on
                     self._in_flight.add(id(t))

@@ -35,6 +35,7 @@ import torch
 
 from ..architectures import architecture_of
 from ..device import host_available_bytes
+from ..encoder_weights import ENCODER_WEIGHTS
 from ..errors import InputError
 from ..precision import module_bytes
 from .cfg_batching import CfgBatcher
@@ -670,7 +671,9 @@ def place_stream(pipe: Any, placement: "Placement", skip: Iterable[str], denoise
     for name, module in components(pipe, skip):
         if name in denoisers:
             continue
-        if device.type == "cuda" and above is not None and module_bytes(module) > above:
+        # An encoder not read yet (encoder_weights.unread_encoder) counts with what it will hold.
+        held = module_bytes(module) + ENCODER_WEIGHTS.released_bytes(module)
+        if device.type == "cuda" and above is not None and held > above:
             # leaf by leaf from its own host weights, no second copy, releasable between prompts (leaf_stream.py)
             placement.leaf_streamers.append(stream_leaves(module, device))
             continue
