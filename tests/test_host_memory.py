@@ -32,8 +32,11 @@ def medium(tiny_models_root, tmp_path_factory) -> Path:
     return build_medium_wan21_i2v(tiny_models_root / "tiny-wan21-i2v", tmp_path_factory.mktemp("medium") / "wan")
 
 
-def _run(script: str, *args: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+def _run(script: str, *args: str, heap: bool = False) -> dict:
+    """``heap``: glibc's own dynamic threshold, so the medium model's tensors live on the heap (as a 14B model's
+    26 MiB fp8 attention weights do once the threshold has grown past them)."""
+    env = dict(os.environ) if heap else dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None) if heap else None
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(REPO), *args], capture_output=True,
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -52,14 +55,16 @@ _LOAD = """
     from diffusers import WanImageToVideoPipeline, WanTransformer3DModel  # imports before the baseline
     import transformers
     gc.collect(); base = rss(); reset_peak()
-    loaded = load_pipeline(LoadOptions(Path(sys.argv[2]), OffloadMode(sys.argv[3]), WeightDtype(sys.argv[4])),
-                           torch.device("cpu"))
+    budget = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    loaded = load_pipeline(LoadOptions(Path(sys.argv[2]), OffloadMode(sys.argv[3]), WeightDtype(sys.argv[4]),
+                                       host_ram_budget_gb=budget), torch.device("cpu"))
+    notes = loaded.notes
     peak = peak_rss()
     release_memory()  # what every run ends with
     mods = [m for m in loaded.pipe.components.values() if isinstance(m, torch.nn.Module)]
     weights = sum(t.numel() * t.element_size() for m in mods for t in list(m.parameters()) + list(m.buffers()))
     block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in loaded.pipe.transformer.blocks)
-    print(json.dumps(dict(base=base, peak=peak, final=rss(), weights=weights, block=block)))
+    print(json.dumps(dict(base=base, peak=peak, final=rss(), weights=weights, block=block, notes=notes)))
 """
 
 
@@ -74,83 +79,13 @@ def test_loading_a_medium_model_peaks_at_its_final_size_plus_one_tensor(medium, 
     assert final <= r["weights"] + LOAD_MARGIN, r  # nothing of the load stays behind
 
 
-def test_folder_loader_gives_from_pretrained_weights_and_dtypes(medium):
-    from diffusers import WanTransformer3DModel
-
-    from vramwise.precision import DENOISER_FP8_SKIP, apply_fp8_storage
-    from vramwise.weight_loading import load_model
-
-    ours = load_model(WanTransformer3DModel, medium / "transformer", torch.bfloat16)
-    stock = WanTransformer3DModel.from_pretrained(medium / "transformer", torch_dtype=torch.bfloat16)
-    a, b = ours.state_dict(), stock.state_dict()
-    assert a.keys() == b.keys() and ours.config == stock.config
-    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
-    assert torch.float32 in {v.dtype for v in a.values()}  # diffusers' fp32-kept modules stay fp32
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    fp8 = load_model(WanTransformer3DModel, medium / "transformer", torch.bfloat16, fp8_skip=DENOISER_FP8_SKIP)
-    apply_fp8_storage([(stock, DENOISER_FP8_SKIP)], torch.bfloat16)
-    apply_fp8_storage([(fp8, DENOISER_FP8_SKIP)], torch.bfloat16)  # finds the fp8 layers already cast
-    a, b = fp8.state_dict(), stock.state_dict()
-    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
-    assert torch.float8_e4m3fn in {v.dtype for v in a.values()}
-    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].element_size() == 1
-               else torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_truncated_shard_is_refused_naming_the_file(medium, tmp_path):
-    import shutil
-
-    from diffusers import WanTransformer3DModel
-
-    from vramwise.errors import ModelFolderError
-    from vramwise.weight_loading import load_model
-
-    broken = tmp_path / "transformer"
-    shutil.copytree(medium / "transformer", broken)
-    shard = sorted(broken.glob("*.safetensors"))[-1]
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size - 1000)
-    with pytest.raises(ModelFolderError, match=f"{shard.name}.*truncated"):
-        load_model(WanTransformer3DModel, broken, torch.bfloat16)
-
-
-_ENCODER = """
-    import gc, json, sys, torch
-    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-    from pathlib import Path
-    from rss import rss, peak_rss, reset_peak
-    from transformers import UMT5EncoderModel
-    from vramwise.device import release_memory
-    from vramwise.encoder_weights import EncoderWeights, folder_source
-    folder = Path(sys.argv[2])
-    gc.collect(); start = rss()
-    enc = UMT5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16)
-    ids = torch.arange(16).view(1, -1)
-    with torch.no_grad():
-        before = enc(ids).last_hidden_state
-    weights = sum(p.numel() * p.element_size() for p in enc.parameters())
-    release_memory(); loaded = rss()
-    store = EncoderWeights(); store.register(enc, folder_source(folder, torch.bfloat16))
-    freed = store.release(enc)
-    release_memory(); released = rss()
-    reset_peak()
-    with torch.no_grad():
-        after = enc(ids).last_hidden_state  # reloads itself
-    peak = peak_rss(); release_memory()
-    print(json.dumps(dict(weights=weights, freed=freed, start=start, loaded=loaded, released=released, peak=peak,
-                          reloaded=rss(), same=bool(torch.equal(before, after)))))
-"""
-
-
-def test_releasing_a_text_encoder_returns_its_host_ram_and_reloading_holds_one_copy(tmp_path):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(vocab_size=32000, d_model=512, d_kv=64, d_ff=2048, num_layers=12, num_heads=8,
-                        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
-    torch.manual_seed(0)
-    UMT5EncoderModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "te", max_shard_size="40MB")
-    r = _run(_ENCODER, str(tmp_path / "te"))
-    assert r["same"] and r["weights"] > 120 * MiB and r["freed"] == r["weights"], r
-    # transformers maps the files and a forward faults in the pages it reads; releasing gives all of them back
-    assert r["loaded"] - r["start"] > 50 * MiB and r["released"] - r["start"] <= 24 * MiB, r
-    assert r["peak"] - r["released"] <= r["weights"] + LOAD_MARGIN, r
+def test_a_load_read_straight_into_fp8_holds_one_copy_with_the_weights_on_the_heap(medium):
+    """Measured on an H100 (2026-12-06): a Wan2.1 14B load that auto read straight into fp8 (a 32 GiB host budget)
+    peaked at 31.7 GiB against 21.5 GiB once loaded. Its 26 MiB fp8 attention weights sat on the glibc heap next to
+    the freed bf16 temporaries of the conversion (and later next to the repacked originals), which the heap kept
+    until the load's final trim. Here glibc's own threshold puts the medium model's tensors on the heap too."""
+    r = _run(_LOAD, str(medium), "auto", "bf16", "0.2", heap=True)
+    assert any("read straight into fp8" in n for n in r["notes"]), r["notes"]
+    grown, final = r["peak"] - r["base"], r["final"] - r["base"]
+    # the issue's bound is final + 1 GiB at 14B; the medium model's is final + two blocks + the margin
+    assert grown <= final + 2 * r["block"] + LOAD_MARGIN, r
