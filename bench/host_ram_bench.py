@@ -264,7 +264,8 @@ def child(args) -> None:
                pinned_after_gib=round(pinned_bytes(loaded) / GiB, 2) if not loaded.released else None)
     from vramwise.encoder_weights import ENCODER_WEIGHTS
 
-    row["text_encoder_reads"] = dict(leaf_by_leaf=ENCODER_WEIGHTS.streamed, whole=ENCODER_WEIGHTS.reloads)
+    row["text_encoder_reads"] = dict(leaf_by_leaf=ENCODER_WEIGHTS.streamed, whole=ENCODER_WEIGHTS.reloads,
+                                     leaf_read_s=round(ENCODER_WEIGHTS.streamed_read_s, 2))
     shared = getattr(loaded.placement, "expert_host", None)
     if shared is not None:  # the one-expert plan: what re-reading an expert's blocks cost
         row["expert_swaps_s"] = [round(x, 2) for x in shared.swaps]

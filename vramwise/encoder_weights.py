@@ -15,6 +15,7 @@ keeps its own (pinned) CPU copies; releasing our view would free nothing there.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class EncoderWeights:
     reloads: int = 0
     releases: int = 0
     streamed: int = 0  # encodes run leaf by leaf from the files (streamed_from_files)
+    streamed_read_s: float = 0.0  # seconds those encodes spent reading the files (the rest is copy and compute)
 
     def register(self, module: torch.nn.Module, source: WeightSource | None) -> None:
         """Say where ``module``'s weights can be re-read; without a source it is never released."""
@@ -236,8 +238,11 @@ class EncoderWeights:
         by_id = {id(p): (p, name) for p, name, _, _ in state.params}
 
         def fetch(wanted: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+            t0 = time.perf_counter()
             names = {by_id[id(p)][1]: by_id[id(p)][0] for p in wanted if id(p) in by_id}
-            return {id(names[n]): _as_stored(t, names[n], state.source) for n, t in state.source.read(set(names))}
+            got = {id(names[n]): _as_stored(t, names[n], state.source) for n, t in state.source.read(set(names))}
+            self.streamed_read_s += time.perf_counter() - t0
+            return got
 
         state.guard.remove()
         streamer.fetch = fetch
